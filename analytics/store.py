@@ -1,0 +1,192 @@
+"""The Cassandra store: connection, schema, and the writes and reads of Clover's tables.
+
+The CQL here runs on Cassandra 2.1 (the local stack) and on 4.x/5.x: no ``date`` type, no
+GROUP BY, no JSON. Rows are partitioned by service and UTC day so that a partition stays
+bounded, and a window's aggregate is keyed by (revision, window start, peer) so rewriting it
+after a replay replaces the row instead of adding to it. Cassandra timestamps hold
+milliseconds: window starts, which fall on whole seconds, survive exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    Session,
+)
+from cassandra.policies import DCAwareRoundRobinPolicy
+from cassandra.concurrent import execute_concurrent_with_args
+
+from clover.config import Settings
+from clover.records import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+# Columns of service_metrics that are not part of the primary key, in record field order.
+_METRIC_COLUMNS = tuple(
+    f.name for f in dataclasses.fields(ServiceMetrics)
+    if f.name not in ("namespace", "service", "revision", "window_start_us", "peer_namespace",
+                      "peer_service", "schema_version")
+)
+_BIGINT = {"requests", "errors", "bytes_in", "bytes_out", "flows", "connections_opened",
+           "connections_closed", "connections_reset"}
+
+
+def _cql_type(column: str) -> str:
+    if column in _BIGINT:
+        return "bigint"
+    if column == "window_seconds":
+        return "int"
+    if column == "latency_sketch":
+        return "blob"
+    return "double"
+
+
+SCHEMA = [
+    """CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication =
+       {{'class': 'SimpleStrategy', 'replication_factor': {replication_factor}}}""",
+    # peer is '' for a service's own row and 'namespace/service' of the callee for an edge row.
+    "CREATE TABLE IF NOT EXISTS {keyspace}.service_metrics ("
+    " namespace text, service text, day text, window_start timestamp, revision text, peer text, "
+    + ", ".join(f"{c} {_cql_type(c)}" for c in _METRIC_COLUMNS)
+    + ", PRIMARY KEY ((namespace, service, day), window_start, revision, peer)"
+    ") WITH CLUSTERING ORDER BY (window_start ASC, revision ASC, peer ASC)",
+]
+
+
+@dataclass
+class Store:
+    """An open connection to Clover's keyspace."""
+
+    cluster: Cluster
+    session: Session
+    keyspace: str
+    ttl_seconds: int
+
+    def close(self) -> None:
+        self.cluster.shutdown()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create_schema(self, replication_factor: int) -> None:
+        """Create the keyspace and tables that are missing (idempotent)."""
+        for statement in SCHEMA:
+            self.session.execute(
+                statement.format(keyspace=self.keyspace, replication_factor=replication_factor),
+                timeout=60,
+            )
+        self.session.set_keyspace(self.keyspace)
+
+    def write_service_metrics(self, records: Iterable[ServiceMetrics]) -> int:
+        """Write whole window aggregates (upserts); returns how many rows were written."""
+        columns = ("namespace", "service", "day", "window_start", "revision", "peer",
+                   *_METRIC_COLUMNS)
+        statement = self.session.prepare(
+            f"INSERT INTO {self.keyspace}.service_metrics ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' for _ in columns)}) USING TTL ?"
+        )
+        rows = [(*_row_of(r), self.ttl_seconds) for r in records]
+        results = execute_concurrent_with_args(self.session, statement, rows, concurrency=64,
+                                               raise_on_first_error=True)
+        return sum(1 for ok, _ in results if ok)
+
+    def read_service_metrics(self, namespace: str, service: str, start_us: int,
+                             end_us: int) -> list[ServiceMetrics]:
+        """Every row of one service whose window starts in [start_us, end_us)."""
+        statement = self.session.prepare(
+            f"SELECT * FROM {self.keyspace}.service_metrics WHERE namespace = ? AND service = ? "
+            "AND day = ? AND window_start >= ? AND window_start < ?"
+        )
+        start, end = _utc(start_us), _utc(end_us)
+        found = []
+        for day in _days(start, end):
+            for row in self.session.execute(statement, (namespace, service, day, start, end)):
+                found.append(_record_of(row))
+        return found
+
+
+def connect(settings: Settings, *, retry_for_s: float = 60.0) -> Store:
+    """Connect to Cassandra, retrying with exponential backoff while it is unreachable."""
+    cassandra = settings.cassandra
+    auth = None
+    if cassandra.username:
+        from cassandra.auth import PlainTextAuthProvider
+
+        auth = PlainTextAuthProvider(cassandra.username, cassandra.password)
+    deadline = time.monotonic() + retry_for_s
+    delay = 0.5
+    while True:
+        cluster = Cluster(list(settings.cassandra_contact_points), port=settings.cassandra_port,
+                          protocol_version=cassandra.protocol_version, auth_provider=auth,
+                          execution_profiles={EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                              load_balancing_policy=DCAwareRoundRobinPolicy())},
+                          connect_timeout=5)
+        try:
+            session = cluster.connect()
+            return Store(cluster, session, cassandra.keyspace, cassandra.ttl_days * 86400)
+        except NoHostAvailable as exc:
+            cluster.shutdown()
+            where = f"{','.join(settings.cassandra_contact_points)}:{settings.cassandra_port}"
+            if time.monotonic() + delay > deadline:
+                raise ConnectionError(
+                    f"Cassandra at {where} is unreachable after {retry_for_s:.0f}s ({exc}). "
+                    "Start it with `clover stack up`, or point [cassandra] contact_points/port "
+                    "(CLOVER_CASSANDRA_CONTACT_POINTS) at your cluster."
+                ) from None
+            log.warning("Cassandra at %s unreachable, retrying in %.1fs", where, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
+def _utc(us: int) -> datetime:
+    return datetime.fromtimestamp(us / 1e6, UTC)
+
+
+def _days(start: datetime, end: datetime) -> Iterator[str]:
+    day = start.date()
+    while day <= (end - timedelta(microseconds=1)).date():
+        yield day.isoformat()
+        day += timedelta(days=1)
+
+
+def _row_of(record: ServiceMetrics) -> tuple[object, ...]:
+    start = _utc(record.window_start_us)
+    peer = f"{record.peer_namespace or 'unknown'}/{record.peer_service}" if record.peer_service else ""
+    values = []
+    for column in _METRIC_COLUMNS:
+        value = getattr(record, column)
+        if column == "latency_sketch" and value is not None:
+            value = base64.b64decode(value)
+        values.append(value)
+    return (record.namespace, record.service, start.date().isoformat(), start,
+            record.revision, peer, *values)
+
+
+def _record_of(row: object) -> ServiceMetrics:
+    peer = row.peer  # type: ignore[attr-defined]
+    peer_namespace, _, peer_service = peer.partition("/") if peer else (None, None, None)
+    window_start = row.window_start.replace(tzinfo=UTC)  # type: ignore[attr-defined]
+    values = {c: getattr(row, c) for c in _METRIC_COLUMNS}
+    if values["latency_sketch"] is not None:
+        values["latency_sketch"] = base64.b64encode(values["latency_sketch"]).decode()
+    return ServiceMetrics(
+        namespace=row.namespace, service=row.service,  # type: ignore[attr-defined]
+        revision=row.revision,  # type: ignore[attr-defined]
+        window_start_us=round(window_start.timestamp() * 1e6),
+        peer_namespace=peer_namespace or None, peer_service=peer_service or None,
+        **values,
+    )

@@ -1,0 +1,154 @@
+"""The ``clover`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from clover.config import ConfigError, Settings, load_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        settings = load_settings(args.config)
+        return int(args.run(settings, args) or 0)
+    except ConfigError as exc:
+        print(f"clover: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # Known operational failures print their message, not a traceback.
+        from clover.stack import StackError
+
+        if isinstance(exc, StackError | ConnectionError | TimeoutError):
+            print(f"clover: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clover",
+        description="Clover: telemetry analytics and automated rollback for service meshes.",
+    )
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML configuration file (default: $CLOVER_CONFIG; see README)")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    stack = commands.add_parser("stack", help="the local stack of real servers")
+    stack_commands = stack.add_subparsers(title="stack commands", metavar="ACTION",
+                                          required=True)
+    up = stack_commands.add_parser("up", help="install (once) and start every server")
+    up.add_argument("--record", metavar="FILE", type=Path,
+                    help="append the names of the servers this call started to FILE")
+    up.set_defaults(run=_stack_up)
+    down = stack_commands.add_parser("down", help="stop the servers this stack started")
+    down.add_argument("--recorded", metavar="FILE", type=Path,
+                      help="stop only the servers named in FILE (written by up --record)")
+    down.set_defaults(run=_stack_down)
+    status = stack_commands.add_parser("status", help="each server's version, port, PID, health")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(run=_stack_status)
+    logs = stack_commands.add_parser("logs", help="show a server's log")
+    logs.add_argument("server", nargs="?", help="server name (default: list the log files)")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.set_defaults(run=_stack_logs)
+
+    topics = commands.add_parser("topics", help="Clover's Kafka topics")
+    topic_commands = topics.add_subparsers(title="topic commands", metavar="ACTION",
+                                           required=True)
+    create = topic_commands.add_parser("create", help="create the topics that are missing")
+    create.set_defaults(run=_topics_create)
+
+    smoke = commands.add_parser(
+        "smoke", help="send records through Kafka into Cassandra and print what arrived")
+    smoke.add_argument("--count", type=int, default=12, help="service-metrics records to send")
+    smoke.set_defaults(run=_smoke)
+    return parser
+
+
+def _stack_up(settings: Settings, args: argparse.Namespace) -> int:
+    from clover.stack import Stack
+
+    Stack(settings).up(record=args.record)
+    return 0
+
+
+def _stack_down(settings: Settings, args: argparse.Namespace) -> int:
+    from clover.stack import Stack
+
+    only = None
+    if args.recorded:
+        only = args.recorded.read_text().split() if args.recorded.exists() else []
+    stopped = Stack(settings).down(only)
+    print(f"stopped {len(stopped)} server(s)" + (f": {', '.join(stopped)}" if stopped else ""))
+    return 0
+
+
+def _stack_status(settings: Settings, args: argparse.Namespace) -> int:
+    from clover.stack import Stack
+
+    rows = Stack(settings).status()
+    if args.json:
+        print(json.dumps([row.__dict__ for row in rows], indent=2))
+    else:
+        header = f"{'SERVER':<24} {'VERSION':<8} {'PORTS':<12} {'PID':>7} {'RSS MB':>7}  HEALTH"
+        print(header)
+        for row in rows:
+            ports = ",".join(map(str, row.ports)) or "-"
+            pid = str(row.pid) if row.pid else "-"
+            rss = f"{row.rss_mb:.0f}" if row.rss_mb else "-"
+            mark = "ok  " if row.healthy else "FAIL"
+            print(f"{row.name:<24} {row.version:<8} {ports:<12} {pid:>7} {rss:>7}  "
+                  f"{mark} {row.health}")
+    return 0 if all(row.healthy for row in rows if row.name != "bcc") else 1
+
+
+def _stack_logs(settings: Settings, args: argparse.Namespace) -> int:
+    from clover.stack import Stack
+
+    stack = Stack(settings)
+    if not args.server:
+        for name in stack.servers:
+            print(f"{name:<24} {stack.log_file(name)}")
+        return 0
+    log = stack.log_file(args.server)
+    if not log.exists():
+        print(f"clover: {args.server} has no log yet ({log})", file=sys.stderr)
+        return 1
+    tail = ["tail", "-n", str(args.lines), *(["-F"] if args.follow else []), str(log)]
+    return subprocess.call(tail)
+
+
+def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
+    from confluent_kafka.admin import AdminClient
+
+    from clover.kafka import client_config
+    from clover.topics import create_topics
+
+    result = create_topics(AdminClient(client_config(settings)),
+                           replication_factor=settings.kafka.replication_factor)
+    for name, outcome in result.items():
+        print(f"{name:<28} {outcome}")
+    return 0
+
+
+def _smoke(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.smoke import run_smoke
+
+    return run_smoke(settings, count=args.count)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

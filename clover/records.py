@@ -1,0 +1,582 @@
+"""Version-1 record contracts for the values on Clover's Kafka topics.
+
+Other systems consume our topics, so the JSON Schema files in
+``clover/schemas/`` are the published contract and the source of truth for
+every rule: field types, ranges, enums, which fields are required, and a few
+cross-field rules. The dataclasses below mirror those schemas by hand so that
+Python code gets attribute access and type hints; ``tests/test_records.py``
+checks that the two cannot drift apart.
+
+Conventions (see the schemas for details):
+
+* Values are compact UTF-8 JSON objects, one record per Kafka message.
+* Times are integer microseconds since the Unix epoch and durations are
+  integer microseconds; both use names ending in ``_us``.
+* A field a source may not know is nullable (``X | None = None``): unknown
+  stays ``null``, it is never guessed.
+* ``additionalProperties`` is false everywhere, so a misspelt field is an
+  error. Every record carries ``schema_version`` (1); evolution happens by
+  publishing a new version, and a reader refuses versions it does not know.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import functools
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+from jsonschema import Draft202012Validator, FormatChecker, ValidationError, validators
+
+SCHEMA_VERSION = 1
+"""The only ``schema_version`` this build reads and writes."""
+
+Observer = Literal["tcp_lifecycle", "tc_counter"]
+Protocol = Literal["tcp", "udp", "icmp", "icmpv6"]
+FlowState = Literal["open", "closed", "reset", "counter"]
+SpanKind = Literal[
+    "server", "client", "producer", "consumer", "internal", "unspecified"
+]
+SpanSource = Literal["mixer", "otlp", "zipkin", "jaeger", "nezha", "other"]
+Verdict = Literal["anomalous", "normal", "inconclusive"]
+RollbackAction = Literal["rollback", "dry_run", "alert_only", "skip", "failed"]
+
+
+def service_key(namespace: str | None, service: str) -> bytes:
+    """The Kafka key for everything about one service: ``b"namespace/service"``.
+
+    All records about a service share it, so they land on one partition in
+    order. An unknown namespace is spelt ``unknown``.
+    """
+    return f"{namespace or 'unknown'}/{service}".encode()
+
+
+# --------------------------------------------------------------------------
+# Records (mirrors of clover/schemas/*.v1.json)
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """One side of a flow (``$defs/endpoint`` in flow.v1.json)."""
+
+    addr: str
+    port: int | None = None
+    namespace: str | None = None
+    service: str | None = None
+    pod: str | None = None
+    revision: str | None = None
+
+
+@dataclass(slots=True)
+class FlowRecord:
+    """An L3/L4 flow seen by eBPF (topic clover.flows)."""
+
+    SCHEMA: ClassVar[str] = "flow.v1.json"
+
+    observer: Observer
+    node: str
+    protocol: Protocol
+    ip_version: int
+    src: Endpoint
+    dst: Endpoint
+    bytes_sent: int
+    bytes_received: int
+    packets_sent: int
+    packets_received: int
+    start_us: int
+    duration_us: int
+    state: FlowState
+    interface: str | None = None
+    pid: int | None = None
+    comm: str | None = None
+    cgroup_id: int | None = None
+    netns_ino: int | None = None
+    end_us: int | None = None
+    srtt_us: int | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def key(self) -> bytes:
+        """The server side's service when known, else the client's, else its address."""
+        for end in (self.dst, self.src):
+            if end.service:
+                return service_key(end.namespace, end.service)
+        return f"unknown/{self.dst.addr}".encode()
+
+
+@dataclass(slots=True)
+class SpanRecord:
+    """One normalised span (topic clover.spans)."""
+
+    SCHEMA: ClassVar[str] = "span.v1.json"
+
+    trace_id: str
+    span_id: str
+    service: str
+    operation: str
+    kind: SpanKind
+    start_us: int
+    duration_us: int
+    error: bool
+    source: SpanSource
+    parent_span_id: str | None = None
+    namespace: str | None = None
+    pod: str | None = None
+    revision: str | None = None
+    status_code: int | None = None
+    peer_namespace: str | None = None
+    peer_service: str | None = None
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def key(self) -> bytes:
+        return service_key(self.namespace, self.service)
+
+
+@dataclass(slots=True)
+class ServiceMetrics:
+    """Per-window aggregate for a service revision, or a caller -> callee edge
+    when ``peer_service`` is set (topic clover.service-metrics)."""
+
+    SCHEMA: ClassVar[str] = "service-metrics.v1.json"
+
+    namespace: str
+    service: str
+    revision: str
+    window_start_us: int
+    window_seconds: int
+    requests: int
+    errors: int
+    bytes_in: int
+    bytes_out: int
+    flows: int
+    connections_opened: int
+    connections_closed: int
+    connections_reset: int
+    peer_namespace: str | None = None
+    peer_service: str | None = None
+    error_rate: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p90_ms: float | None = None
+    latency_p99_ms: float | None = None
+    latency_max_ms: float | None = None
+    latency_sketch: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def key(self) -> bytes:
+        return service_key(self.namespace, self.service)
+
+
+@dataclass(slots=True)
+class Contribution:
+    """One feature's share of an anomaly score (``$defs/contribution``)."""
+
+    feature: str
+    weight: float
+    value: float | None = None
+    baseline: float | None = None
+
+
+@dataclass(slots=True)
+class Anomaly:
+    """A detector's verdict on one service-metrics window (topic clover.anomalies)."""
+
+    SCHEMA: ClassVar[str] = "anomaly.v1.json"
+
+    namespace: str
+    service: str
+    revision: str
+    window_start_us: int
+    window_seconds: int
+    detector: str
+    threshold: float
+    verdict: Verdict
+    emitted_us: int
+    score: float | None = None
+    reason: str | None = None
+    contributions: list[Contribution] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def key(self) -> bytes:
+        return service_key(self.namespace, self.service)
+
+
+@dataclass(slots=True)
+class RollbackDecision:
+    """A decision of the rollback controller, acted on or not (topic clover.rollbacks)."""
+
+    SCHEMA: ClassVar[str] = "rollback.v1.json"
+
+    namespace: str
+    service: str
+    decided_us: int
+    action: RollbackAction
+    reason: str
+    message: str
+    consecutive_anomalous: int
+    dry_run: bool
+    deployment: str | None = None
+    from_revision: int | None = None
+    to_revision: int | None = None
+    score: float | None = None
+    threshold: float | None = None
+    anomaly_window_start_us: int | None = None
+    patched_us: int | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def key(self) -> bytes:
+        return service_key(self.namespace, self.service)
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A message a component could not process, kept verbatim (topic clover.deadletter)."""
+
+    SCHEMA: ClassVar[str] = "deadletter.v1.json"
+
+    source_topic: str
+    value_b64: str
+    reason: str
+    component: str
+    at_us: int
+    partition: int | None = None
+    offset: int | None = None
+    key_b64: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def wrap(
+        cls,
+        *,
+        source_topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        reason: str,
+        component: str,
+        at_us: int,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> DeadLetter:
+        """Build a dead letter from the raw bytes of the rejected message."""
+        return cls(
+            source_topic=source_topic,
+            value_b64=base64.b64encode(value or b"").decode("ascii"),
+            reason=reason,
+            component=component,
+            at_us=at_us,
+            partition=partition,
+            offset=offset,
+            key_b64=None if key is None else base64.b64encode(key).decode("ascii"),
+        )
+
+    def key(self) -> bytes:
+        """The original key, so a dead letter sits with its service's other records."""
+        if self.key_b64:
+            try:
+                original = base64.b64decode(self.key_b64, validate=True)
+            except (binascii.Error, ValueError):
+                original = b""
+            if original:
+                return original
+        return b"unknown/deadletter"
+
+
+RECORD_TYPES: tuple[type, ...] = (
+    FlowRecord,
+    SpanRecord,
+    ServiceMetrics,
+    Anomaly,
+    RollbackDecision,
+    DeadLetter,
+)
+
+# Fields holding nested records, per top-level type: name -> (type, is_list).
+_NESTED: dict[type, dict[str, tuple[type, bool]]] = {
+    FlowRecord: {"src": (Endpoint, False), "dst": (Endpoint, False)},
+    Anomaly: {"contributions": (Contribution, True)},
+}
+
+R = TypeVar("R")
+
+
+# --------------------------------------------------------------------------
+# Errors
+
+
+class RecordError(ValueError):
+    """A record does not satisfy its published schema.
+
+    ``errors`` lists every problem as ``(field path, rule, message)``, e.g.
+    ``("src.port", "maximum", "70000 is greater than the maximum of 65535")``.
+    The path is empty for problems with the record as a whole.
+    """
+
+    def __init__(self, record_type: type, errors: list[tuple[str, str, str]]) -> None:
+        self.record_type = record_type
+        self.errors = list(errors)
+        name = getattr(record_type, "__name__", str(record_type))
+        lines = [
+            f"{name}{'.' + path if path else ''}: {message} (rule: {rule})"
+            for path, rule, message in self.errors
+        ]
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.record_type, self.errors))
+
+    @property
+    def fields(self) -> list[str]:
+        """The field paths that have errors."""
+        return [path for path, _, _ in self.errors]
+
+    @property
+    def rules(self) -> list[str]:
+        """The rules that were broken, in the same order as ``fields``."""
+        return [rule for _, rule, _ in self.errors]
+
+
+# --------------------------------------------------------------------------
+# Schemas and validation
+
+
+def _schema_name(record_type: type) -> str:
+    if record_type not in RECORD_TYPES:
+        raise TypeError(f"{record_type!r} is not a Clover record type")
+    return record_type.SCHEMA
+
+
+def schema_path(record_type: type) -> Path:
+    """Filesystem path of the published schema for ``record_type``."""
+    return Path(str(files("clover") / "schemas" / _schema_name(record_type)))
+
+
+def load_schema(record_type: type) -> dict[str, Any]:
+    """The published JSON Schema for ``record_type``, freshly parsed."""
+    text = (files("clover") / "schemas" / _schema_name(record_type)).read_text("utf-8")
+    return json.loads(text)
+
+
+def _ecma_pattern(
+    validator: Any, pattern: str, instance: Any, schema: dict[str, Any]
+) -> Iterator[ValidationError]:
+    """``pattern`` with ECMA-262 semantics for a final ``$`` (end of input).
+
+    Consumers' validators use ECMA regexes; Python's ``$`` would also accept a
+    trailing newline (``"cooldown\\n"``) that they reject.
+    """
+    if not validator.is_type(instance, "string"):
+        return
+    python_pattern = pattern
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        python_pattern = pattern[:-1] + r"\Z"
+    if not re.search(python_pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator = validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})
+
+
+@functools.cache
+def _validator(record_type: type) -> Any:
+    schema = load_schema(record_type)
+    Draft202012Validator.check_schema(schema)
+    return _Validator(schema, format_checker=FormatChecker())
+
+
+def _format_path(parts: Any) -> str:
+    text = ""
+    for part in parts:
+        text += (
+            f"[{part}]"
+            if isinstance(part, int)
+            else (f".{part}" if text else str(part))
+        )
+    return text
+
+
+def _short(message: str, limit: int = 300) -> str:
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+def _cross_field_note(schema: dict[str, Any], error: ValidationError) -> str:
+    """For an error from a cross-field rule (the schema's ``allOf``), say which rule."""
+    where = list(error.absolute_schema_path)
+    if len(where) >= 2 and where[0] == "allOf":
+        rule = schema["allOf"][where[1]]["description"].rstrip(".")
+        return f"; {rule[:1].lower()}{rule[1:]}"
+    return ""
+
+
+def _explain(
+    error: ValidationError, schema: dict[str, Any]
+) -> Iterator[tuple[str, str, str]]:
+    """Turn one jsonschema error into (path, rule, message) entries."""
+    parts = list(error.absolute_path)
+    rule = str(error.validator)
+    note = _cross_field_note(schema, error)
+    if rule == "required":
+        # Name the missing field itself, not the object that lacks it.
+        for name in error.validator_value:
+            if name not in error.instance:
+                yield _format_path([*parts, name]), rule, "missing" + note
+    elif rule == "additionalProperties" and isinstance(error.instance, dict):
+        known = error.schema.get("properties", {})
+        for name in error.instance:
+            if name not in known:
+                yield (
+                    _format_path([*parts, name]),
+                    rule,
+                    f"unknown field {name!r} (not part of version {SCHEMA_VERSION})",
+                )
+    elif (
+        rule == "anyOf"
+        and error.context
+        and all(sub.validator == "format" for sub in error.context)
+    ):
+        formats = " or ".join(str(sub.validator_value) for sub in error.context)
+        yield (
+            _format_path(parts),
+            "format",
+            _short(f"{error.instance!r} is not a valid {formats}"),
+        )
+    else:
+        yield _format_path(parts), rule, _short(error.message) + note
+
+
+def _non_finite(
+    value: Any, parts: tuple[Any, ...] = ()
+) -> Iterator[tuple[str, str, str]]:
+    """NaN and Infinity pass numeric range checks but are not JSON numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield _format_path(parts), "type", f"{value!r} is not a JSON number"
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            yield from _non_finite(item, (*parts, name))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, (*parts, index))
+
+
+def _version_error(data: dict[str, Any]) -> tuple[str, str, str] | None:
+    if "schema_version" not in data:
+        return (
+            "schema_version",
+            "schema_version",
+            f"missing; this build reads version {SCHEMA_VERSION} and will not guess",
+        )
+    version = data["schema_version"]
+    if type(version) is not int:
+        return (
+            "schema_version",
+            "schema_version",
+            f"{version!r} is not a version number (must be the integer {SCHEMA_VERSION})",
+        )
+    if version != SCHEMA_VERSION:
+        return (
+            "schema_version",
+            "schema_version",
+            (
+                f"version {version} is not supported by this build (reads {SCHEMA_VERSION}); "
+                "upgrade Clover or route this producer to a topic of that version"
+            ),
+        )
+    return None
+
+
+def _check(record_type: type, data: Any) -> None:
+    validator = _validator(record_type)
+    if not isinstance(data, dict):
+        raise RecordError(
+            record_type,
+            [("", "type", f"expected a JSON object, got {type(data).__name__}")],
+        )
+    # The version decides which rules apply, so check it alone and first.
+    version_error = _version_error(data)
+    if version_error:
+        raise RecordError(record_type, [version_error])
+    found = {
+        entry
+        for error in validator.iter_errors(data)
+        for entry in _explain(error, validator.schema)
+    }
+    found.update(_non_finite(data))
+    if found:
+        raise RecordError(record_type, sorted(found))
+
+
+def validate(record_type: type, data: dict[str, Any]) -> None:
+    """Check a JSON-like dict against ``record_type``'s published schema.
+
+    Raises :class:`RecordError` listing every problem, sorted by field path.
+    An unsupported or missing ``schema_version`` is reported on its own.
+    """
+    _check(record_type, data)
+
+
+# --------------------------------------------------------------------------
+# Conversion
+
+
+def to_dict(record: Any) -> dict[str, Any]:
+    """The record as a JSON-ready dict (nested records become dicts)."""
+    if type(record) not in RECORD_TYPES:
+        raise TypeError(f"{type(record)!r} is not a Clover record type")
+    return dataclasses.asdict(record)
+
+
+def from_dict(record_type: type[R], data: dict[str, Any]) -> R:
+    """Validate ``data`` and build a ``record_type`` from it."""
+    _check(record_type, data)
+    kwargs = dict(data)
+    for name, (nested_type, is_list) in _NESTED.get(record_type, {}).items():
+        if name in kwargs:
+            value = kwargs[name]
+            kwargs[name] = (
+                [nested_type(**item) for item in value]
+                if is_list
+                else nested_type(**value)
+            )
+    return record_type(**kwargs)
+
+
+def encode(record: Any, *, validate: bool = True) -> bytes:
+    """Serialize a record as compact UTF-8 JSON.
+
+    Validates against the schema first unless ``validate=False`` (for hot
+    paths that built the record themselves).
+    """
+    data = to_dict(record)
+    if validate:
+        _check(type(record), data)
+    try:
+        text = json.dumps(
+            data, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+        return text.encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise RecordError(
+            type(record), [("", "json", f"cannot encode as JSON: {exc}")]
+        ) from exc
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode(record_type: type[R], data: bytes | str) -> R:
+    """Parse a JSON message value and build a validated ``record_type``."""
+    try:
+        parsed = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise RecordError(
+            record_type, [("", "json", _short(f"not valid JSON: {exc}"))]
+        ) from exc
+    return from_dict(record_type, parsed)
