@@ -46,7 +46,7 @@ stack-down: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff mypy
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy clover analytics streams
+	$(VENV)/bin/mypy clover analytics streams benchmarks
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -24,8 +24,8 @@ from cassandra.cluster import (
     NoHostAvailable,
     Session,
 )
-from cassandra.policies import DCAwareRoundRobinPolicy
 from cassandra.concurrent import execute_concurrent_with_args
+from cassandra.policies import DCAwareRoundRobinPolicy
 
 from clover.config import Settings
 from clover.records import ServiceMetrics
@@ -55,7 +55,8 @@ def _cql_type(column: str) -> str:
 SCHEMA = [
     """CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication =
        {{'class': 'SimpleStrategy', 'replication_factor': {replication_factor}}}""",
-    # peer is '' for a service's own row and 'namespace/service' of the callee for an edge row.
+    # peer is '' for a service's own row and 'namespace/service' of the callee for an edge row
+    # (namespace left empty when unknown).
     "CREATE TABLE IF NOT EXISTS {keyspace}.service_metrics ("
     " namespace text, service text, day text, window_start timestamp, revision text, peer text, "
     + ", ".join(f"{c} {_cql_type(c)}" for c in _METRIC_COLUMNS)
@@ -165,7 +166,7 @@ def _days(start: datetime, end: datetime) -> Iterator[str]:
 
 def _row_of(record: ServiceMetrics) -> tuple[object, ...]:
     start = _utc(record.window_start_us)
-    peer = f"{record.peer_namespace or 'unknown'}/{record.peer_service}" if record.peer_service else ""
+    peer = f"{record.peer_namespace or ''}/{record.peer_service}" if record.peer_service else ""
     values = []
     for column in _METRIC_COLUMNS:
         value = getattr(record, column)

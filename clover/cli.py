@@ -132,12 +132,10 @@ def _stack_logs(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
-    from confluent_kafka.admin import AdminClient
-
-    from clover.kafka import client_config
+    from clover.kafka import admin_client
     from clover.topics import create_topics
 
-    result = create_topics(AdminClient(client_config(settings)),
+    result = create_topics(admin_client(settings),
                            replication_factor=settings.kafka.replication_factor)
     for name, outcome in result.items():
         print(f"{name:<28} {outcome}")

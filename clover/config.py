@@ -197,12 +197,16 @@ def _build_section(
 def _coerce(section: str, key: str, hint: Any, raw: Any, where: str) -> Any:
     """Convert one raw value (a TOML value or an environment string) to the field's type."""
     qualified = f"{section}.{key}"
+    value: Any
     base = _strip_optional(hint)
     origin = typing.get_origin(base)
     try:
         if base is int:
-            value = int(raw)
             low, high, wanted = _int_range(section, key)
+            try:
+                value = int(raw)
+            except (TypeError, ValueError):
+                raise ValueError(wanted) from None
             if not low <= value <= high:
                 raise ValueError(wanted)
         elif base is Path:
@@ -218,10 +222,9 @@ def _coerce(section: str, key: str, hint: Any, raw: Any, where: str) -> Any:
             if not isinstance(raw, Mapping):
                 raise ValueError("a table of librdkafka settings")
             value = {str(k): str(v) for k, v in raw.items()}
-        else:  # pragma: no cover - a new field type without a converter is a programming error
+        else:  # a new field type without a converter is a programming error
             raise TypeError(f"no converter for {qualified} ({hint})")
-    except (TypeError, ValueError) as exc:
-        wanted = exc.args[0] if exc.args and str(exc.args[0]).startswith("a ") else _describe(base)
+    except ValueError as wanted:
         raise ConfigError(f"{qualified}: got {raw!r} from {where}; expected {wanted}") from None
     choices = _CHOICES.get((section, key))
     if choices is not None and value not in choices:
@@ -237,6 +240,3 @@ def _strip_optional(hint: Any) -> Any:
         return args[0]
     return hint
 
-
-def _describe(base: Any) -> str:
-    return {int: "a whole number", Path: "a path", str: "a string"}.get(base, str(base))

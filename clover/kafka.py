@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
 from clover.config import Settings
 
 
@@ -36,3 +39,23 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "isolation.level": "read_committed",
         **overrides,
     }
+
+
+def admin_client(settings: Settings, timeout_s: float = 15.0) -> AdminClient:
+    """An AdminClient whose brokers have answered a metadata request.
+
+    An unreachable cluster is a ConnectionError that says where it looked and how to fix it,
+    after librdkafka's own reconnects with backoff for up to ``timeout_s``.
+    """
+    # log_level 0: while the broker is unreachable librdkafka logs every refused connection;
+    # the one error below says it better.
+    admin = AdminClient({**client_config(settings), "log_level": 0})
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise ConnectionError(
+            f"Kafka at {settings.kafka_bootstrap} is unreachable "
+            f"({exc.args[0] if exc.args else exc}). Start the local stack with `clover stack up`, "
+            "or point kafka.bootstrap_servers (CLOVER_KAFKA_BOOTSTRAP_SERVERS) at your brokers."
+        ) from None
+    return admin

@@ -350,7 +350,8 @@ class RecordError(ValueError):
 def _schema_name(record_type: type) -> str:
     if record_type not in RECORD_TYPES:
         raise TypeError(f"{record_type!r} is not a Clover record type")
-    return record_type.SCHEMA
+    schema: str = getattr(record_type, "SCHEMA")  # noqa: B009 - a ClassVar of each record type
+    return schema
 
 
 def schema_path(record_type: type) -> Path:

@@ -11,13 +11,19 @@ import sys
 import time
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from analytics.store import connect
 from clover import records, topics
 from clover.config import Settings
-from clover.kafka import client_config, consumer_config, producer_config
+from clover.kafka import admin_client, consumer_config, producer_config
 
 SERVICES = ("frontend", "cart", "checkout")
 NAMESPACE = "clover-smoke"
@@ -82,7 +88,7 @@ def _high_watermarks(consumer: Consumer, names: list[str]) -> list[TopicPartitio
 
 
 def run_smoke(settings: Settings, count: int = 12) -> int:
-    created = topics.create_topics(AdminClient(client_config(settings)),
+    created = topics.create_topics(admin_client(settings),
                                    replication_factor=settings.kafka.replication_factor)
     print(f"topics: {sum(v == 'created' for v in created.values())} created, "
           f"{sum(v == 'exists' for v in created.values())} already there")
@@ -94,11 +100,15 @@ def run_smoke(settings: Settings, count: int = 12) -> int:
     start_positions = _high_watermarks(consumer, names)
 
     failures: list[str] = []
+
+    def on_delivery(err: KafkaError | None, _message: Message) -> None:
+        if err is not None:
+            failures.append(str(err))
+
     producer = Producer(producer_config(settings))
     for record in batch:
         producer.produce(topics.topic_for(type(record)).name, records.encode(record),
-                         key=record.key(),
-                         on_delivery=lambda err, msg: err and failures.append(str(err)))
+                         key=record.key(), on_delivery=on_delivery)
     remaining = producer.flush(30)
     if failures or remaining:
         raise KafkaException(f"{len(failures)} delivery failures, {remaining} undelivered: "
@@ -118,8 +128,8 @@ def run_smoke(settings: Settings, count: int = 12) -> int:
         for message in consumer.consume(500, timeout=1.0):
             if message.error():
                 raise KafkaException(message.error())
-            topic = by_name[message.topic()]
-            arrived[topic.name].append(records.decode(topic.record_type, message.value()))
+            topic = by_name[str(message.topic())]
+            arrived[topic.name].append(records.decode(topic.record_type, message.value() or b""))
             received += 1
     consumer.close()
     print(f"read back {received} of {expected} records from Kafka")

@@ -133,7 +133,7 @@ def test_status_command_lists_version_port_pid_and_health(live_stack: Stack) -> 
     expected = {"zookeeper": "3.8.0", "kafka": "2.3.0", "cassandra": "2.1.0", "etcd": "3.4",
                 "kube-apiserver": "1.20.2", "kube-controller-manager": "1.20.2"}
     for name, version in expected.items():
-        name_, version_, ports, pid, _rss, mark, *_ = rows[name]
+        _, version_, ports, pid, _rss, mark, *_ = rows[name]
         assert version_ == version
         assert int(ports.split(",")[0]) == live_stack.servers[name].ports[0]
         assert psutil.pid_exists(int(pid))
@@ -147,3 +147,15 @@ def test_state_directory_is_clover_home(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("CLOVER_HOME", "/var/lib/clover")
     assert StackSettings().home == Path("/var/lib/clover")
     assert StackSettings().cache_dir == Path("/var/lib/clover/cache")
+
+
+def test_logs_command_shows_a_server_log(live_stack: Stack) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "clover.cli", "stack", "logs", "kafka", "-n", "400"],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "started (kafka.server.KafkaServer)" in out.stdout
+    unknown = subprocess.run([sys.executable, "-m", "clover.cli", "stack", "logs", "kafka2"],
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 1
+    assert "no server named 'kafka2'; servers: zookeeper, cassandra, etcd" in unknown.stderr

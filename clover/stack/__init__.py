@@ -177,8 +177,8 @@ class Stack:
 
     def _bcc_status(self) -> ServerStatus:
         problems = []
-        headers = sorted(self.paths.cache.glob("kernel-headers/usr/src/linux-headers-*-amd64"))
-        if not headers:
+        headers = install.kernel_headers_dir(self.paths.cache)
+        if headers is None:
             problems.append("no kernel headers (run `clover stack up` as root)")
         if not (install.TRACEFS / "events").is_dir():
             problems.append(f"tracefs not mounted at {install.TRACEFS}")
@@ -193,8 +193,10 @@ class Stack:
             version = getattr(bcc, "__version__", "?")
         except ImportError:
             problems.append("python module bcc not importable")
-        health = "; ".join(problems) or f"prepared (headers {headers[-1].name}, tracefs, BTF)"
-        return ServerStatus("bcc", version, (), None, not problems, health)
+        if problems or headers is None:
+            return ServerStatus("bcc", version, (), None, False, "; ".join(problems))
+        return ServerStatus("bcc", version, (), None, True,
+                            f"prepared (headers {headers.name}, tracefs, BTF)")
 
     def log_file(self, name: str) -> Path:
         if name not in self.servers:

@@ -85,7 +85,8 @@ def ensure_debian_packages(logs: Path) -> None:
         run(["apt-get", "update"], log_file=logs / "install-apt.log", env=env)
         run(
             ["apt-get", "install", "-y", "--no-install-recommends", *missing],
-            log_file=logs / "install-apt.log", env=env, show=r"^(Unpacking|Setting up) ",
+            log_file=logs / "install-apt.log", env=env,
+            show=rf"^Setting up ({'|'.join(map(re.escape, missing))})[: ]",
         )
 
 
@@ -153,8 +154,8 @@ def ensure_kubernetes(cache: Path, logs: Path) -> Path:
     sources.write_text("\n".join(DEBIAN_MIRRORS) + "\n")
     # A private apt configuration: fetching the source package neither needs nor changes a
     # deb-src entry in the machine's own sources.
-    apt = ["apt-get", "-o", f"Dir::Etc::SourceList={sources}", "-o", "Dir::Etc::SourceParts=/dev/null",
-           "-o", f"Dir::State::Lists={work / 'lists'}"]
+    apt = ["apt-get", "-o", f"Dir::Etc::SourceList={sources}",
+           "-o", "Dir::Etc::SourceParts=/dev/null", "-o", f"Dir::State::Lists={work / 'lists'}"]
     with step(f"fetching Debian's source package of Kubernetes {KUBERNETES_VERSION}"):
         run([*apt, "update"], log_file=log)
         run([*apt, "source", "--download-only", KUBERNETES_SOURCE], cwd=work / "src", log_file=log)
@@ -183,6 +184,12 @@ def ensure_kubernetes(cache: Path, logs: Path) -> Path:
     return bindir
 
 
+def kernel_headers_dir(cache: Path) -> Path | None:
+    """The extracted header tree to give BCC as BCC_KERNEL_SOURCE, if it has been fetched."""
+    found = sorted(cache.glob("kernel-headers/usr/src/linux-headers-*-amd64"))
+    return found[-1] if found else None
+
+
 def ensure_kernel_headers(cache: Path, logs: Path) -> Path:
     """Debian 12's 6.1 kernel headers, extracted (not installed) as BCC's stand-in tree.
 
@@ -190,9 +197,9 @@ def ensure_kernel_headers(cache: Path, logs: Path) -> Path:
     struct offsets from the running kernel's BTF instead of trusting these layouts.
     """
     root = cache / "kernel-headers"
-    existing = sorted(root.glob("usr/src/linux-headers-*-amd64"))
-    if existing:
-        return existing[-1]
+    existing = kernel_headers_dir(cache)
+    if existing is not None:
+        return existing
     log = logs / "install-kernel-headers.log"
     depends = subprocess.run(["apt-cache", "depends", "linux-headers-amd64"],
                              capture_output=True, text=True).stdout

@@ -265,10 +265,13 @@ def bootstrap_pipeline_identity(admin_kubeconfig: Path, pipeline_kubeconfig: Pat
         request = client.AuthenticationV1TokenRequest(
             spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=PIPELINE_TOKEN_SECONDS)
         )
-        token = client.CoreV1Api(api).create_namespaced_service_account_token(
+        issued = client.CoreV1Api(api).create_namespaced_service_account_token(
             service_account, namespace, request
-        ).status.token
-        server = api.configuration.host
+        )
+        if issued.status is None or not issued.status.token:
+            raise StackError(f"the API server issued no token for {service_account}")
+        token: str = issued.status.token
+        server: str = api.configuration.host
     finally:
         api.close()
     write_kubeconfig(pipeline_kubeconfig, server, ca,

@@ -54,7 +54,8 @@ def start(
     log_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        log.write(f"\n=== {started} starting: {' '.join(argv)}\n".encode())
         log.flush()
         proc = subprocess.Popen(
             list(argv),

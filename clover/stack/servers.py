@@ -109,9 +109,8 @@ class _KafkaDistribution(Server):
 
     def classpath(self) -> str:
         # ZooKeeper 3.4.14's client cannot connect on Java 14+ (ZOOKEEPER-3779); Debian's 3.8 can.
-        jars = sorted(
-            p for p in (self.kafka_home / "libs").glob("*.jar") if not p.name.startswith("zookeeper-")
-        )
+        libs = (self.kafka_home / "libs").glob("*.jar")
+        jars = sorted(p for p in libs if not p.name.startswith("zookeeper-"))
         return _java_classpath(
             *jars, "/usr/share/java/zookeeper.jar", "/usr/share/java/zookeeper-jute.jar"
         )
