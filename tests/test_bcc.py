@@ -18,7 +18,7 @@ PROGRAM = """
 BPF_ARRAY(transitions, u64, 1);
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {
-    if (args->protocol != IPPROTO_TCP || args->dport != PORT)
+    if (args->protocol != 6 /* IPPROTO_TCP */ || args->dport != PORT)
         return 0;
     int zero = 0;
     u64 *count = transitions.lookup(&zero);
@@ -46,7 +46,7 @@ def test_tracepoint_program_sees_a_real_connection(bpf_environment: None) -> Non
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        bpf = BPF(text=PROGRAM, cflags=[f"-DPORT={port}"])
+        bpf = BPF(text=PROGRAM.encode(), cflags=[f"-DPORT={port}"])
         try:
             with socket.create_connection(("127.0.0.1", port)) as client:
                 conn, _ = server.accept()

@@ -48,7 +48,7 @@ DEBIAN_PACKAGES = (
     # Building kube-apiserver and kube-controller-manager from Debian's source package.
     "golang-go", "golang-github-modern-go-reflect2-dev", "dpkg-dev", "rsync", "make",
     # eBPF collectors.
-    "python3-bpfcc", "libbpfcc", "bpfcc-tools", "iproute2",
+    "python3-bpfcc", "libbpfcc", "bpfcc-tools", "bpftool", "iproute2",
 )
 DEBIAN_MIRRORS = (
     "deb-src http://deb.debian.org/debian bookworm main",
@@ -186,7 +186,7 @@ def ensure_kubernetes(cache: Path, logs: Path) -> Path:
 
 def kernel_headers_dir(cache: Path) -> Path | None:
     """The extracted header tree to give BCC as BCC_KERNEL_SOURCE, if it has been fetched."""
-    found = sorted(cache.glob("kernel-headers/usr/src/linux-headers-*-amd64"))
+    found = sorted(cache.glob("kernel-headers/linux-headers-*-amd64"))
     return found[-1] if found else None
 
 
@@ -209,16 +209,23 @@ def ensure_kernel_headers(cache: Path, logs: Path) -> Path:
             "cannot find Debian's linux-headers-amd64 package; run `apt-get update` as root"
         )
     arch_pkg, release = found.group(1), found.group(2)
+    common_pkg = f"linux-headers-{release}-common"
     with step(f"fetching kernel headers {release} for BCC"), tempfile.TemporaryDirectory(
         dir=cache
     ) as tmp:
-        run(["apt-get", "download", arch_pkg, f"linux-headers-{release}-common"],
-            cwd=Path(tmp), log_file=log)
-        tree = Path(tmp) / "root"
+        run(["apt-get", "download", arch_pkg, common_pkg], cwd=Path(tmp), log_file=log)
+        extracted = Path(tmp) / "root"
         for deb in sorted(Path(tmp).glob("*.deb")):
-            run(["dpkg-deb", "-x", str(deb), str(tree)], log_file=log)
-        _replace_dir(tree, root)
-    return root / "usr" / "src" / f"linux-headers-{release}-amd64"
+            run(["dpkg-deb", "-x", str(deb), str(extracted)], log_file=log)
+        # Debian splits one tree in two (the common sources, the amd64 build's generated
+        # files); BCC wants them merged in one directory.
+        merged = Path(tmp) / "merged" / arch_pkg
+        shutil.copytree(extracted / "usr" / "src" / common_pkg, merged, symlinks=True)
+        # (Both carry the same links to the kbuild scripts and tools, which BCC does not use.)
+        shutil.copytree(extracted / "usr" / "src" / arch_pkg, merged, symlinks=True,
+                        dirs_exist_ok=True, ignore=shutil.ignore_patterns("scripts", "tools"))
+        _replace_dir(Path(tmp) / "merged", root)
+    return root / arch_pkg
 
 
 TRACEFS = Path("/sys/kernel/tracing")
