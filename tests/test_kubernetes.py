@@ -11,25 +11,11 @@ from kubernetes.client.rest import ApiException
 
 from clover.config import Settings
 from clover.stack import Stack
+from tests import kube
 
 
 def _api(kubeconfig: str) -> client.ApiClient:
     return config.new_client_from_config(config_file=kubeconfig)
-
-
-def _deployment(name: str, image: str = "registry.local/demo:v1") -> client.V1Deployment:
-    labels = {"app": name}
-    return client.V1Deployment(
-        metadata=client.V1ObjectMeta(name=name, labels=labels),
-        spec=client.V1DeploymentSpec(
-            replicas=1,
-            selector=client.V1LabelSelector(match_labels=labels),
-            template=client.V1PodTemplateSpec(
-                metadata=client.V1ObjectMeta(labels=labels),
-                spec=client.V1PodSpec(containers=[client.V1Container(name=name, image=image)]),
-            ),
-        ),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +62,7 @@ def test_service_account_reads_and_patches_deployments_in_its_namespace(
         admin: client.ApiClient, pipeline: client.ApiClient, settings: Settings) -> None:
     namespace = settings.kubernetes.namespace
     name = f"demo-{uuid.uuid4().hex[:6]}"
-    client.AppsV1Api(admin).create_namespaced_deployment(namespace, _deployment(name))
+    client.AppsV1Api(admin).create_namespaced_deployment(namespace, kube.deployment(name))
     try:
         apps = client.AppsV1Api(pipeline)
         names = [d.metadata.name for d in apps.list_namespaced_deployment(namespace).items]
@@ -96,7 +82,7 @@ def test_service_account_reads_and_patches_deployments_in_its_namespace(
 def test_service_account_gets_403_in_another_namespace(
         admin: client.ApiClient, pipeline: client.ApiClient, other_namespace: str) -> None:
     name = "elsewhere"
-    client.AppsV1Api(admin).create_namespaced_deployment(other_namespace, _deployment(name))
+    client.AppsV1Api(admin).create_namespaced_deployment(other_namespace, kube.deployment(name))
     apps = client.AppsV1Api(pipeline)
     for call in (lambda: apps.list_namespaced_deployment(other_namespace),
                  lambda: apps.read_namespaced_deployment(name, other_namespace),
@@ -115,10 +101,10 @@ def test_controller_manager_records_revisions(admin: client.ApiClient,
     namespace = settings.kubernetes.namespace
     name = f"rev-{uuid.uuid4().hex[:6]}"
     apps = client.AppsV1Api(admin)
-    apps.create_namespaced_deployment(namespace, _deployment(name))
+    apps.create_namespaced_deployment(namespace, kube.deployment(name))
     try:
         apps.patch_namespaced_deployment(name, namespace, {"spec": {"template": {"spec": {
-            "containers": [{"name": name, "image": "registry.local/demo:v2"}]}}}})
+            "containers": [{"name": "app", "image": "registry.local/demo:v2"}]}}}})
         deadline = time.monotonic() + 20
         revisions: dict[str, str] = {}
         while time.monotonic() < deadline and len(revisions) < 2:
