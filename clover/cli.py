@@ -29,8 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         # Known operational failures print their message, not a traceback.
         from clover.stack import StackError
+        from collectors.environment import CollectorError
 
-        if isinstance(exc, StackError | ConnectionError | TimeoutError):
+        if isinstance(exc, StackError | CollectorError | ConnectionError | TimeoutError):
             print(f"clover: {exc}", file=sys.stderr)
             return 1
         raise
@@ -71,11 +72,49 @@ def _parser() -> argparse.ArgumentParser:
     create = topic_commands.add_parser("create", help="create the topics that are missing")
     create.set_defaults(run=_topics_create)
 
+    collect = commands.add_parser("collect", help="eBPF collectors (root)")
+    collect_commands = collect.add_subparsers(title="collectors", metavar="COLLECTOR",
+                                              required=True)
+    flows = collect_commands.add_parser(
+        "flows", help="TCP connections (and, with --iface, per-5-tuple packet counters) to "
+                      "clover.flows")
+    flows.add_argument("--iface", action="append", default=[], metavar="IFACE",
+                       help="also count packets per 5-tuple on this interface (repeatable)")
+    flows.add_argument("--netns", metavar="NAME",
+                       help="the --iface interfaces are in this network namespace (ip netns)")
+    flows.add_argument("--duration", type=_positive_seconds, metavar="SECONDS",
+                       help="stop after this long (default: until SIGTERM or Ctrl-C)")
+    flows.set_defaults(run=_collect_flows)
+
     smoke = commands.add_parser(
         "smoke", help="send records through Kafka into Cassandra and print what arrived")
     smoke.add_argument("--count", type=int, default=12, help="service-metrics records to send")
     smoke.set_defaults(run=_smoke)
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _collect_flows(settings: Settings, args: argparse.Namespace) -> int:
+    import logging
+
+    from collectors.flows import collect_flows
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    summary = collect_flows(settings, interfaces=args.iface, netns=args.netns,
+                            duration_s=args.duration)
+    print(f"published {summary.published} flow records; {summary.delivery_errors} delivery "
+          f"errors (retried); {summary.undelivered} undelivered; {summary.lost} kernel events "
+          "lost")
+    return 0 if summary.undelivered == 0 else 1
 
 
 def _stack_up(settings: Settings, args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ existing servers, or inside a real cluster. Values come from, in increasing prio
 
 1. the defaults below (the local stack started by ``clover stack up``);
 2. a TOML file: ``--config FILE`` or ``$CLOVER_CONFIG`` (sections ``[kafka]``, ``[cassandra]``,
-   ``[kubernetes]``, ``[stack]``);
+   ``[kubernetes]``, ``[collectors]``, ``[stack]``);
 3. environment variables ``CLOVER_<SECTION>_<KEY>``, e.g. ``CLOVER_KAFKA_BOOTSTRAP_SERVERS``.
 
 A bad value raises :class:`ConfigError` naming the key, where it came from and what is allowed.
@@ -97,11 +97,27 @@ class KubernetesSettings:
 
 
 @dataclass(frozen=True)
+class CollectorSettings:
+    """The eBPF flow collector (`clover collect flows`)."""
+
+    # Seconds between updates of a long-lived connection, and between packet-counter drains.
+    flow_update_interval_s: int = 10
+    # Its own Prometheus endpoint (0: none).
+    metrics_port: int = 9464
+    # Namespaces whose pods it attributes flows to; empty means [kubernetes] namespace, "*"
+    # means all (which needs cluster-wide list/watch on pods and replicasets).
+    attribution_namespaces: tuple[str, ...] = ()
+    max_connections: int = 65536
+    max_flow_entries: int = 65536
+
+
+@dataclass(frozen=True)
 class Settings:
     stack: StackSettings = field(default_factory=StackSettings)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     cassandra: CassandraSettings = field(default_factory=CassandraSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    collectors: CollectorSettings = field(default_factory=CollectorSettings)
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -129,6 +145,8 @@ def _int_range(section: str, key: str) -> tuple[int, int, str]:
     """The allowed range of an integer setting, and how to say it."""
     if (section, key) == ("cassandra", "port"):
         return 0, 65535, "a TCP port from 1 to 65535, or 0 for the local stack's"
+    if key == "metrics_port":
+        return 0, 65535, "a TCP port from 1 to 65535, or 0 for no metrics endpoint"
     if key.endswith("port"):
         return 1, 65535, "a TCP port from 1 to 65535"
     if key == "ttl_days":

@@ -42,6 +42,7 @@ SCHEMA_VERSION = 1
 Observer = Literal["tcp_lifecycle", "tc_counter"]
 Protocol = Literal["tcp", "udp", "icmp", "icmpv6"]
 FlowState = Literal["open", "closed", "reset", "counter"]
+ObservedAt = Literal["src", "dst"]
 SpanKind = Literal[
     "server", "client", "producer", "consumer", "internal", "unspecified"
 ]
@@ -95,6 +96,7 @@ class FlowRecord:
     duration_us: int
     state: FlowState
     interface: str | None = None
+    observed_at: ObservedAt | None = None
     pid: int | None = None
     comm: str | None = None
     cgroup_id: int | None = None

@@ -70,6 +70,17 @@ class TopicReader:
                 messages.append(message)
         return messages
 
+    def read_all(self, timeout: float = 20.0) -> list:
+        """Everything written since this reader was made, up to the end offsets as of now."""
+        end = {}
+        for tp in self.start:
+            _, high = self.consumer.get_watermark_offsets(tp, 10)
+            end[tp.partition] = high
+        expected = sum(end[tp.partition] - tp.offset for tp in self.start)
+        messages = self.read(expected, timeout)
+        assert len(messages) == expected, f"read {len(messages)} of {expected} messages"
+        return messages
+
     def close(self) -> None:
         self.consumer.close()
 

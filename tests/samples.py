@@ -28,6 +28,7 @@ def sample_flow() -> FlowRecord:
         observer="tcp_lifecycle",
         node="worker-1",
         interface=None,
+        observed_at="src",
         protocol="tcp",
         ip_version=4,
         src=Endpoint(

@@ -504,6 +504,7 @@ def test_booleans_are_not_integers() -> None:
         (sample_flow, {"end_us": None}, "end_us"),
         (sample_flow, {"state": "counter"}, "state"),
         (sample_tc_flow, {"state": "closed"}, "state"),
+        (sample_tc_flow, {"observed_at": "src"}, "observed_at"),
         (sample_service_metrics, {"error_rate": None}, "error_rate"),
         (sample_edge_metrics, {"error_rate": 0.0}, "error_rate"),
         (sample_anomaly, {"score": None}, "verdict"),

@@ -1,0 +1,247 @@
+"""`clover collect flows` end to end, as root on the real kernel: two network namespaces joined
+by a veth pair, known TCP and UDP traffic between them, and the records read back from real
+Kafka, attributed through the real API server.
+
+The tracepoint sees every TCP socket on the machine (it has unrelated loopback traffic), so the
+assertions pick this test's records by their addresses, which exist only in these namespaces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client, config
+
+from clover import records
+from clover.config import Settings
+from clover.records import FlowRecord
+from clover.stack import Stack
+from clover.topics import FLOWS
+from collectors.flows import CollectSummary, collect_flows
+from tests import kube
+from tests.netns import VethPair, veth_pair
+
+pytestmark = pytest.mark.root
+
+# A server that accepts one connection, reads exactly REQUEST bytes, answers REPLY bytes and
+# closes; with "reset" it instead aborts the connection (SO_LINGER 0 sends a RST).
+SERVER = """
+import socket, struct, sys
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+srv = socket.socket(family)
+srv.bind((sys.argv[1], int(sys.argv[2]))); srv.listen()
+print("listening", flush=True)
+conn, _ = srv.accept()
+if sys.argv[5] == "reset":
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close(); sys.exit(0)
+got = 0
+while got < int(sys.argv[3]):
+    got += len(conn.recv(65536))
+conn.sendall(b"r" * int(sys.argv[4])); conn.close()
+"""
+# A client that sends REQUEST bytes (in two halves PAUSE seconds apart), reads until the server
+# closes, then closes; it prints its own port and PID.
+CLIENT = """
+import os, socket, sys, time
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+c = socket.socket(family); c.connect((sys.argv[1], int(sys.argv[2])))
+print(c.getsockname()[1], os.getpid(), flush=True)
+half = int(sys.argv[3]) // 2
+try:
+    c.sendall(b"q" * half); time.sleep(float(sys.argv[4]))
+    c.sendall(b"q" * (int(sys.argv[3]) - half))
+    while c.recv(65536):
+        pass
+except (ConnectionResetError, BrokenPipeError):  # the server aborted the connection
+    pass
+c.close()
+"""
+
+
+class RunningCollector:
+    """collect_flows in a thread, stopped (and its records flushed) by ``stop``."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        self.stop_event, ready = threading.Event(), threading.Event()
+        self.result: list[CollectSummary | BaseException] = []
+
+        def target() -> None:
+            try:
+                self.result.append(collect_flows(settings, stop=self.stop_event, ready=ready,
+                                                 **kwargs))
+            except BaseException as exc:  # handed to the test thread
+                self.result.append(exc)
+                ready.set()
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+        assert ready.wait(60), "the collector did not attach within 60 s"
+        if self.result and isinstance(self.result[0], BaseException):
+            raise self.result[0]
+
+    def stop(self) -> CollectSummary:
+        self.stop_event.set()
+        self.thread.join(60)
+        [summary] = self.result
+        if isinstance(summary, BaseException):
+            raise summary
+        return summary
+
+
+@pytest.fixture
+def pair() -> Iterator[VethPair]:
+    with veth_pair() as pair:
+        yield pair
+
+
+@pytest.fixture
+def flow_settings(settings: Settings, live_stack: Stack, kafka_topics: Any) -> Settings:
+    collectors = dataclasses.replace(settings.collectors, metrics_port=0,
+                                     flow_update_interval_s=1)
+    return dataclasses.replace(settings, collectors=collectors)
+
+
+@pytest.fixture
+def server_pod(live_stack: Stack, settings: Settings, pair: VethPair) -> Iterator[dict[str, str]]:
+    """A Deployment whose pod has ns_b's addresses, as if it ran there."""
+    api = config.new_client_from_config(str(live_stack.paths.kube / "admin.kubeconfig"))
+    namespace = settings.kubernetes.namespace
+    name = f"flowsrv-{uuid.uuid4().hex[:6]}"
+    client.AppsV1Api(api).create_namespaced_deployment(namespace, kube.deployment(name))
+    try:
+        [pod] = kube.eventually(lambda: kube.pods_of(api, namespace, name))
+        kube.patch_pod_status(client.CoreV1Api(api), pod.metadata.name, namespace,
+                              kube.pod_status(pair.ip_b, pair.ip6_b))
+        yield {"namespace": namespace, "service": name, "pod": pod.metadata.name,
+               "revision": pod.metadata.labels["pod-template-hash"]}
+    finally:
+        client.AppsV1Api(api).delete_namespaced_deployment(name, namespace)
+        api.close()
+
+
+def _converse(pair: VethPair, server_addr: str, request: int, reply: int, *,
+              mode: str = "normal", pause: float = 0.0) -> tuple[int, int, int, int]:
+    """One connection from ns_a to ns_b; returns the client's port and PID, the server's PID
+    and port."""
+    port = 20000 + int(uuid.uuid4().int % 20000)
+    server = pair.popen(pair.ns_b, [sys.executable, "-c", SERVER, server_addr, str(port),
+                                    str(request), str(reply), mode])
+    assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+    out = pair.run(pair.ns_a, [sys.executable, "-c", CLIENT, server_addr, str(port),
+                               str(request), str(pause)], check=True)
+    assert server.wait(30) == 0
+    client_port, client_pid = map(int, out.stdout.split())
+    return client_port, client_pid, server.pid, port
+
+
+def _flows(reader: Any, *addrs: str) -> list[FlowRecord]:
+    decoded = [records.decode(FlowRecord, m.value()) for m in reader.read_all()]
+    return [r for r in decoded if r.src.addr in addrs and r.dst.addr in addrs]
+
+
+def _netns_inode(name: str) -> int:
+    return os.stat(f"/run/netns/{name}").st_ino
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_tcp_connection_is_published_exactly_from_both_ends(
+        version: int, pair: VethPair, flow_settings: Settings, topic_reader: Any,
+        server_pod: dict[str, str]) -> None:
+    client_addr, server_addr = (pair.ip_a, pair.ip_b) if version == 4 else (pair.ip6_a,
+                                                                             pair.ip6_b)
+    reader = topic_reader(FLOWS.name)
+    collector = RunningCollector(flow_settings)
+    try:
+        client_port, client_pid, server_pid, port = _converse(pair, server_addr, 70_000, 1234)
+    finally:
+        summary = collector.stop()
+    assert summary.undelivered == 0 and summary.lost == 0
+
+    flows = sorted(_flows(reader, client_addr, server_addr), key=lambda r: r.observed_at or "")
+    assert [r.observed_at for r in flows] == ["dst", "src"], flows
+    server_side, client_side = flows
+    for record in flows:
+        records.validate(FlowRecord, records.to_dict(record))
+        assert (record.protocol, record.ip_version, record.state) == ("tcp", version, "closed")
+        assert (record.src.addr, record.src.port) == (client_addr, client_port)
+        assert (record.dst.addr, record.dst.port) == (server_addr, port)
+        assert (record.bytes_sent, record.bytes_received) == (70_000, 1234)
+        assert record.packets_sent > 0 and record.packets_received > 0
+        assert record.end_us is not None and record.end_us >= record.start_us
+        # Attributed through the API server: the server's address is its pod's; the client's
+        # is no pod's, and stays unknown.
+        assert (record.dst.namespace, record.dst.service, record.dst.pod,
+                record.dst.revision) == tuple(server_pod.values())
+        assert record.src.service is None and record.src.namespace is None
+        assert record.key() == f"{server_pod['namespace']}/{server_pod['service']}".encode()
+    assert (client_side.pid, client_side.netns_ino) == (client_pid, _netns_inode(pair.ns_a))
+    assert (server_side.pid, server_side.netns_ino) == (server_pid, _netns_inode(pair.ns_b))
+    assert client_side.comm and client_side.comm.startswith("python")
+
+
+def test_reset_connection_is_reported_as_reset(pair: VethPair, flow_settings: Settings,
+                                               topic_reader: Any) -> None:
+    reader = topic_reader(FLOWS.name)
+    collector = RunningCollector(flow_settings)
+    try:
+        _converse(pair, pair.ip_b, 10, 0, mode="reset")
+    finally:
+        collector.stop()
+    flows = _flows(reader, pair.ip_a, pair.ip_b)
+    assert sorted(r.observed_at or "" for r in flows) == ["dst", "src"]
+    assert {r.state for r in flows} == {"reset"}
+
+
+def test_long_lived_connection_gets_periodic_updates(pair: VethPair, flow_settings: Settings,
+                                                     topic_reader: Any) -> None:
+    reader = topic_reader(FLOWS.name)
+    collector = RunningCollector(flow_settings)
+    try:
+        # The client pauses 3.5 s mid-request; updates come every second.
+        _converse(pair, pair.ip_b, 4000, 100, pause=3.5)
+    finally:
+        collector.stop()
+    flows = _flows(reader, pair.ip_a, pair.ip_b)
+    updates = [r for r in flows if r.state == "open"]
+    final = [r for r in flows if r.state == "closed"]
+    assert sorted(r.observed_at or "" for r in final) == ["dst", "src"]
+    assert updates, "no periodic update of a connection that lived 3.5 s"
+    for update in updates:
+        assert update.end_us is None
+        assert 0 < update.bytes_sent <= 4000
+        assert update.duration_us >= 1_000_000
+    assert all((r.bytes_sent, r.bytes_received) == (4000, 100) for r in final)
+
+
+def test_udp_counters_on_an_interface_are_published(pair: VethPair, flow_settings: Settings,
+                                                    topic_reader: Any) -> None:
+    sizes = [10, 100, 1000]
+    reader = topic_reader(FLOWS.name)
+    collector = RunningCollector(flow_settings, interfaces=[pair.veth_a], netns=pair.ns_a)
+    try:
+        send = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                "s.bind((sys.argv[1], 40001))\n"
+                f"for n in {sizes}: s.sendto(b'u'*n, (sys.argv[2], 40002))\n")
+        pair.run(pair.ns_a, [sys.executable, "-c", send, pair.ip_a, pair.ip_b], check=True)
+    finally:
+        summary = collector.stop()
+    assert summary.undelivered == 0
+    udp = [r for r in _flows(reader, pair.ip_a, pair.ip_b) if r.protocol == "udp"]
+    assert len(udp) == 1, udp
+    [record] = udp
+    assert (record.observer, record.state, record.interface) == ("tc_counter", "counter",
+                                                                 pair.veth_a)
+    assert (record.src.addr, record.src.port, record.dst.addr, record.dst.port) == (
+        pair.ip_a, 40001, pair.ip_b, 40002)
+    assert record.packets_sent == len(sizes)
+    # L2 frame bytes: payload + UDP 8 + IPv4 20 + Ethernet 14.
+    assert record.bytes_sent == sum(n + 8 + 20 + 14 for n in sizes)
+    assert record.packets_received == 0 and record.bytes_received == 0
