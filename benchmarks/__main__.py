@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import bench_kafka, bench_records
+from benchmarks import bench_collector, bench_kafka, bench_records
 
 
 def main() -> int:
-    results = [*bench_records.run(), *bench_kafka.run()]
+    results = [*bench_records.run(), *bench_kafka.run(), *bench_collector.run()]
     width = max(len(r.name) for r in results)
     print(f"{'benchmark':<{width}}  {'rate':>14}  {'baseline':>14}  ratio  (baseline)")
     for r in results:
-        print(f"{r.name:<{width}}  {r.rate:>10,.0f} {r.unit:<3}  {r.baseline_rate:>10,.0f} "
-              f"{r.unit:<3}  {r.rate / r.baseline_rate:5.2f}  ({r.baseline})")
+        print(f"{r.name:<{width}}  {r.rate:>10,.0f} {r.unit:<4} {r.baseline_rate:>10,.0f} "
+              f"{r.unit:<4} {r.rate / r.baseline_rate:5.2f}  ({r.baseline})")
     return 0
 
 

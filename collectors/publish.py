@@ -1,10 +1,12 @@
 """The Kafka publisher the collectors share: batched, idempotent, acks=all, compressed.
 
 Nothing is dropped silently. librdkafka batches and retries on its own (idempotence keeps the
-retries free of duplicates and in order); a record it finally gives up on comes back through the
-delivery report, is counted as a delivery error, and is produced again. When Kafka is down for
-long, librdkafka's queue fills and ``publish`` blocks: the collector falls behind and the loss,
-if any, happens where it is counted (the kernel's ring buffer).
+retries free of duplicates and in order); a record it finally gives up on comes back through
+the delivery report, is counted as a delivery error, and is produced again. Only failures are
+reported (``delivery.report.only.error``): a Python call per success would cost more than the
+produce itself, so successes are counted as queued minus pending minus failed. When Kafka is
+down for long, librdkafka's queue fills and ``publish`` blocks: the collector falls behind and
+the loss, if any, happens where it is counted (the kernel's ring buffer).
 """
 
 from __future__ import annotations
@@ -48,11 +50,19 @@ class Publisher:
     def __init__(self, settings: Settings, topic: Topic, metrics: PublisherMetrics | None = None,
                  **producer_overrides: Any) -> None:
         self.topic = topic
-        self._producer = Producer(producer_config(settings, **producer_overrides))
+        self._producer = Producer(producer_config(
+            settings, **{"delivery.report.only.error": True, **producer_overrides}))
         self._retry: deque[tuple[bytes | None, bytes]] = deque()
         self._metrics = metrics
-        self.published = 0
+        self._queued = 0  # produce() calls, retries included
+        self._failed = 0  # deliveries that failed (each was queued again)
+        self._counted = 0  # successes already added to the Prometheus counter
         self.delivery_errors = 0
+
+    @property
+    def published(self) -> int:
+        """Records Kafka has acknowledged."""
+        return self._queued - len(self._producer) - len(self._retry) - self._failed
 
     def publish(self, record: Any, *, validate: bool = False) -> None:
         """Queue one record. Collectors build records themselves, so validation is optional."""
@@ -63,17 +73,16 @@ class Publisher:
             try:
                 self._producer.produce(self.topic.name, value, key=key,
                                        on_delivery=self._on_delivery)
+                self._queued += 1
                 return
             except BufferError:
                 # The local queue is full (Kafka slow or down): wait for deliveries.
                 self._producer.poll(0.1)
 
     def _on_delivery(self, err: KafkaError | None, message: Message) -> None:
-        if err is None:
-            self.published += 1
-            if self._metrics:
-                self._metrics.published.labels(self._metrics.component, self.topic.name).inc()
+        if err is None:  # not reported with delivery.report.only.error, unless overridden
             return
+        self._failed += 1
         self.delivery_errors += 1
         if self._metrics:
             self._metrics.delivery_errors.labels(self._metrics.component, self.topic.name).inc()
@@ -89,6 +98,11 @@ class Publisher:
         while self._retry:
             key, value = self._retry.popleft()
             self._produce(key, value)
+        if self._metrics:
+            published = self.published
+            self._metrics.published.labels(self._metrics.component, self.topic.name).inc(
+                published - self._counted)
+            self._counted = published
 
     def pending(self) -> int:
         return len(self._producer) + len(self._retry)

@@ -9,9 +9,10 @@ running kernel's BTF, because the headers BCC compiles against do not match its 
 
 from __future__ import annotations
 
+import collections
 import ctypes
-import ipaddress
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class TcpFlowCollector:
     """Loads the program, then hands out FlowRecords from ``poll`` and ``snapshots``."""
 
     def __init__(self, *, node: str | None = None, snapshot_interval_s: float = 10.0,
-                 max_connections: int = 65536, ring_buffer_pages: int = 256,
+                 max_connections: int = 65536, ring_buffer_pages: int = 1024,
                  attribute: Attribute = _unattributed, headers_dir: Path | None = None,
                  btf: Btf | None = None) -> None:
         self.node = node or socket.gethostname()
@@ -63,7 +64,8 @@ class TcpFlowCollector:
         self.headers_dir = headers_dir
         self._btf = btf
         self._bpf: Any = None
-        self._event_type: Any = None
+        self._conn: Any = None  # _Unpacker of struct conn_t, once loaded
+        self._event: Any = None  # _Unpacker of struct event_t
         self._closed: list[FlowRecord] = []
         self._reported: dict[int, int] = {}  # live socket -> snapshot_ns last reported
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC; this turns it into Unix time.
@@ -83,12 +85,11 @@ class TcpFlowCollector:
         ]
         self._bpf = BPF(src_file=str(PROGRAM).encode(), cflags=cflags)
 
-        # struct event_t, built on the live table's value type (struct conn_t) that BCC made.
-        class Event(ctypes.Structure):
-            _fields_ = [("conn", self._bpf[b"live"].Leaf), ("end_ns", ctypes.c_uint64),
-                        ("oldstate", ctypes.c_uint32)]
-
-        self._event_type = ctypes.POINTER(Event)
+        # struct event_t is struct conn_t (whose layout BCC computed for the live table) plus
+        # two fields; both are read with one struct.unpack each instead of field by field.
+        conn_type = self._bpf[b"live"].Leaf
+        self._conn = _Unpacker(conn_type)
+        self._event = _Unpacker(conn_type, [("end_ns", "Q", 8), ("oldstate", "I", 4)])
         self._bpf[b"events"].open_ring_buffer(self._on_event)
 
     def __enter__(self) -> TcpFlowCollector:
@@ -104,9 +105,10 @@ class TcpFlowCollector:
             self._bpf.cleanup()
             self._bpf = None
 
-    def poll(self, timeout_ms: int = 100) -> list[FlowRecord]:
-        """Records of the connections that closed since the last call."""
-        self._bpf.ring_buffer_poll(timeout_ms)
+    def poll(self) -> list[FlowRecord]:
+        """Records of the connections that closed since the last call (never blocks: the
+        program does not wake user space, so callers drain on their own clock)."""
+        self._bpf.ring_buffer_consume()
         closed, self._closed = self._closed, []
         return closed
 
@@ -118,9 +120,10 @@ class TcpFlowCollector:
         updates = []
         live = self._bpf[b"live"]
         seen = set()
-        for key, conn in live.items():
+        for key, leaf in live.items():
             sk = key.value
             seen.add(sk)
+            conn = self._conn.read(ctypes.addressof(leaf))
             if (not conn.established or now_ns - conn.start_ns < interval_ns
                     or conn.snapshot_ns <= self._reported.get(sk, 0)):
                 continue
@@ -137,20 +140,20 @@ class TcpFlowCollector:
         counts = self._bpf[b"lost"]
         return TcpLoss(sum(counts[ctypes.c_int(0)]), sum(counts[ctypes.c_int(1)]))
 
-    def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
-        event = ctypes.cast(data, self._event_type).contents
+    def _on_event(self, _ctx: Any, data: int, _size: int) -> None:
+        event = self._event.read(data)
         self.events += 1
-        state = "reset" if event.conn.reset else "closed"
-        self._closed.append(self._record(event.conn, event.end_ns, state))
+        self._closed.append(self._record(event, event.end_ns,
+                                         "reset" if event.reset else "closed"))
 
     def _record(self, conn: Any, end_ns: int | None, state: str,
                 now_ns: int | None = None) -> FlowRecord:
         """A record of a closed connection (``end_ns``), or of an open one as of ``now_ns``
         with the counters of its latest snapshot."""
-        local = _address(conn.family, bytes(conn.saddr))
-        remote = _address(conn.family, bytes(conn.daddr))
-        here = self.attribute(str(local), conn.sport)
-        there = self.attribute(str(remote), conn.dport)
+        local, version = _address(conn.family, conn.saddr)
+        remote, _ = _address(conn.family, conn.daddr)
+        here = self.attribute(local, conn.sport)
+        there = self.attribute(remote, conn.dport)
         # Payload bytes: the counters also count the SYN the opener sent (once acknowledged)
         # and each FIN exchanged, one sequence number each.
         acked = conn.bytes_acked - (conn.active and conn.established) - conn.fin_out_acked
@@ -167,7 +170,7 @@ class TcpFlowCollector:
         last_ns = end_ns if end_ns is not None else (now_ns or conn.snapshot_ns)
         return FlowRecord(
             observer="tcp_lifecycle", node=self.node, protocol="tcp",
-            ip_version=local.version, src=src, dst=dst,
+            ip_version=version, src=src, dst=dst,
             bytes_sent=max(0, sent), bytes_received=max(0, received),
             packets_sent=packets_sent, packets_received=packets_received,
             start_us=(conn.start_ns + self._wall_offset_ns) // 1000,
@@ -175,15 +178,57 @@ class TcpFlowCollector:
             duration_us=max(0, last_ns - conn.start_ns) // 1000,
             state=state,  # type: ignore[arg-type]
             observed_at="src" if conn.active else "dst",
-            pid=conn.pid or None, comm=conn.comm.decode(errors="replace") or None,
+            pid=conn.pid or None,
+            comm=conn.comm.split(b"\0", 1)[0].decode(errors="replace") or None,
             cgroup_id=conn.cgroup_id or None, netns_ino=conn.netns or None,
             srtt_us=conn.srtt_us if conn.established else None,
         )
 
 
-def _address(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _address(family: int, raw: bytes) -> tuple[str, int]:
+    """The address as text, and its IP version (inet_ntop: the fast path for every record)."""
     if family == socket.AF_INET6:
-        address = ipaddress.IPv6Address(raw)
         # A dual-stack socket talking IPv4 reports ::ffff:a.b.c.d: it is an IPv4 flow.
-        return address.ipv4_mapped or address
-    return ipaddress.IPv4Address(raw[:4])
+        if raw[:12] == _V4_MAPPED:
+            return socket.inet_ntop(socket.AF_INET, raw[12:16]), 4
+        return socket.inet_ntop(socket.AF_INET6, raw), 6
+    return socket.inet_ntop(socket.AF_INET, raw[:4]), 4
+
+
+class _Unpacker:
+    """Reads a C struct from memory in one struct.unpack, into a named tuple.
+
+    The format follows the ctypes layout BCC derived from the compiled program (field offsets,
+    padding, arrays as bytes), plus ``extra`` trailing fields (name, struct code, size), so it
+    cannot drift from the C definition.
+    """
+
+    def __init__(self, ctype: Any, extra: list[tuple[str, str, int]] | None = None) -> None:
+        fmt, names, position = "=", [], 0
+        for name, field_type in ctype._fields_:
+            offset = getattr(ctype, name).offset
+            fmt += f"{offset - position}x" if offset > position else ""
+            size = ctypes.sizeof(field_type)
+            position = offset + size
+            if name.startswith("__pad"):  # BCC spells out the compiler's padding
+                fmt += f"{size}x"
+                continue
+            fmt += f"{size}s" if hasattr(field_type, "_length_") else _CODES[size]
+            names.append(name)
+        for name, code, size in extra or []:
+            align = (size - position % size) % size
+            fmt += f"{align}x{code}" if align else code
+            names.append(name)
+            position += align + size
+        self._struct = struct.Struct(fmt)
+        self._tuple: Any = collections.namedtuple("Fields", names)  # type: ignore[misc]
+
+    def read(self, address: int) -> Any:
+        return self._tuple._make(self._struct.unpack(
+            ctypes.string_at(address, self._struct.size)))
+
+
+_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}  # every scalar in the program is unsigned

@@ -166,7 +166,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     }
     e->oldstate = old;
     STORE_ADDRS(&e->conn, args);
-    events.ringbuf_submit(e, 0);
+    // No wakeup per event: user space drains the buffer in batches (a wakeup per closed
+    // connection would cost more than the event itself).
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
     live.delete(&sk);
     return 0;
 }

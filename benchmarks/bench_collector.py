@@ -1,0 +1,141 @@
+"""The TCP flow collector: records/s into Kafka per core of its own process, and what it costs
+the traffic it watches (loopback bulk throughput and connection rate, with and without it).
+
+Needs root and eBPF; says why and measures nothing otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from statistics import median
+
+import psutil
+
+from benchmarks.common import Result
+from clover.config import load_settings
+from clover.topics import FLOWS
+from collectors.environment import CollectorError, bpf_environment
+from collectors.publish import Publisher
+from tests import samples
+
+ROUNDS = 3
+SECONDS = 2.0
+
+# Load generators run in their own processes, so the collector's CPU is its own.
+BULK = """
+import socket, sys, threading, time
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+def sink():
+    conn, _ = srv.accept()
+    while conn.recv(1 << 20):
+        pass
+threading.Thread(target=sink, daemon=True).start()
+c = socket.create_connection(srv.getsockname()); chunk = b"x" * (1 << 16); sent = 0
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    c.sendall(chunk); sent += len(chunk)
+print(sent / float(sys.argv[1]))
+"""
+CHURN = """
+import socket, sys, threading, time
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 0)); srv.listen(1024)
+def serve():
+    while True:
+        conn, _ = srv.accept(); conn.recv(100); conn.sendall(b"r" * 100); conn.close()
+threading.Thread(target=serve, daemon=True).start()
+n, end = 0, time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    c = socket.create_connection(srv.getsockname()); c.sendall(b"q" * 100)
+    while c.recv(100):
+        pass
+    c.close(); n += 1
+print(n / float(sys.argv[1]))
+"""
+
+
+def _load(script: str, seconds: float) -> float:
+    out = subprocess.run([sys.executable, "-c", script, str(seconds)], capture_output=True,
+                         text=True, check=True, timeout=seconds + 60)
+    return float(out.stdout)
+
+
+class _Collector:
+    """`clover collect flows` in its own process; its CPU time is measured while it runs."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "CLOVER_COLLECTORS_METRICS_PORT": "0"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "clover.cli", "collect", "flows"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env)
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:  # wait until the programs are attached
+            if "collecting flows" in line:
+                break
+        else:
+            raise RuntimeError(f"the collector did not start: {self.proc.wait()}")
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
+        self.ps = psutil.Process(self.proc.pid)
+
+    def cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return times.user + times.system
+
+    def stop(self) -> int:
+        """Stop it (SIGTERM) and return how many records it published."""
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=120)
+        return int(out.split()[1])  # "published N flow records; ..."
+
+
+def _produce_rate_per_core(n: int = 50_000) -> float:
+    """Baseline: the same publisher producing ready-made FlowRecords, per CPU-second."""
+    flow = samples.sample_flow()
+    publisher = Publisher(load_settings(), FLOWS)
+    start = time.process_time()
+    for i in range(n):
+        flow.start_us += i
+        publisher.publish(flow)
+        if i % 1000 == 0:
+            publisher.poll()
+    assert publisher.flush(60) == 0
+    return n / (time.process_time() - start)
+
+
+def run() -> list[Result]:
+    try:
+        bpf_environment()
+    except CollectorError as exc:
+        print(f"collector benchmarks skipped: {exc}", file=sys.stderr)
+        return []
+    # Rounds alternate off and on, so that drift of the machine (other servers, caches,
+    # clock boost) does not land on one side; each side reports its median.
+    off: dict[str, list[float]] = {"bulk": [], "churn": []}
+    on: dict[str, list[float]] = {"bulk": [], "churn": []}
+    cpu = 0.0
+    published = 0
+    for _ in range(ROUNDS):
+        off["bulk"].append(_load(BULK, SECONDS))
+        off["churn"].append(_load(CHURN, SECONDS))
+        collector = _Collector()
+        try:
+            cpu_before = collector.cpu_seconds()
+            on["bulk"].append(_load(BULK, SECONDS))
+            on["churn"].append(_load(CHURN, SECONDS))
+            time.sleep(1.0)  # let it publish what the load left in the ring buffer
+            cpu += collector.cpu_seconds() - cpu_before
+        finally:
+            published += collector.stop()
+    return [
+        Result("collector: flow records into Kafka per core", published / cpu,
+               _produce_rate_per_core(), "the same publisher producing ready-made records"),
+        Result("loopback TCP bulk throughput, collector on", median(on["bulk"]) / 1e6,
+               median(off["bulk"]) / 1e6, "collector off, same run", unit="MB/s"),
+        Result("loopback TCP connections/s, collector on", median(on["churn"]),
+               median(off["churn"]), "collector off, same run"),
+    ]
