@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -245,3 +247,63 @@ def test_udp_counters_on_an_interface_are_published(pair: VethPair, flow_setting
     # L2 frame bytes: payload + UDP 8 + IPv4 20 + Ethernet 14.
     assert record.bytes_sent == sum(n + 8 + 20 + 14 for n in sizes)
     assert record.packets_received == 0 and record.bytes_received == 0
+
+
+def test_collector_serves_its_own_prometheus_metrics(pair: VethPair, flow_settings: Settings,
+                                                     topic_reader: Any) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:  # a free port for the endpoint
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = dataclasses.replace(flow_settings, collectors=dataclasses.replace(
+        flow_settings.collectors, metrics_port=port))
+    collector = RunningCollector(settings, interfaces=[pair.veth_a], netns=pair.ns_a)
+    try:
+        _converse(pair, pair.ip_b, 1000, 10)
+        scrape = ""
+        for _ in range(50):  # until the collector has drained and counted the connection
+            scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            # The connection's records are counted, and the periodic gauges are set.
+            if ('clover_collector_map_entries{collector="tc"}' in scrape
+                    and 'clover_collector_events_total{collector="tcp"} 0.0' not in scrape):
+                break
+            time.sleep(0.2)
+    finally:
+        summary = collector.stop()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+              for line in scrape.splitlines() if line and not line.startswith("#")}
+    assert values['clover_collector_events_total{collector="tcp"}'] >= 2
+    assert 'clover_collector_map_entries{collector="tcp"}' in values
+    assert 'clover_collector_map_entries{collector="tc"}' in values
+    assert values[f'clover_interface_packets_total{{direction="tx",interface="{pair.veth_a}",'
+                  'protocol="tcp"}'] > 0
+    published = 'clover_records_published_total{component="flow-collector",topic="clover.flows"}'
+    assert 0 < values[published] <= summary.published
+    assert not any(k.startswith("clover_delivery_errors_total") and v for k, v in values.items())
+    assert not any(k.startswith("clover_collector_events_lost_total") and v
+                   for k, v in values.items())
+
+
+def test_unreachable_kafka_is_a_clear_error_before_anything_attaches() -> None:
+    out = subprocess.run([sys.executable, "-m", "clover.cli", "collect", "flows",
+                          "--duration", "1"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CLOVER_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+                              "CLOVER_COLLECTORS_METRICS_PORT": "0"})
+    assert out.returncode == 1
+    assert out.stderr.startswith("clover: Kafka at 127.0.0.1:1 is unreachable")
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--duration", "0"], "expected a number of seconds > 0, got '0'"),
+    (["--iface", "nosuch0", "--duration", "1"], "interface 'nosuch0' does not exist"),
+])
+def test_bad_arguments_name_the_problem(args: list[str], message: str, live_stack: Stack,
+                                        kafka_topics: Any) -> None:
+    out = subprocess.run([sys.executable, "-m", "clover.cli", "collect", "flows", *args],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CLOVER_COLLECTORS_METRICS_PORT": "0"})
+    assert out.returncode in (1, 2), out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
