@@ -38,40 +38,6 @@ class BtfError(LookupError):
     """A struct or member is missing or not byte-addressable, or the blob is not valid BTF."""
 
 
-# The fields the TCP flow collector reads, as macro name -> (struct, member path).
-# All verified against this kernel's BTF (6.18). Notes:
-# - skc_num is the local port in host order, skc_dport the remote port in network order.
-# - skc_daddr/skc_rcv_saddr sit in anonymous unions/structs of sock_common (skc_addrpair).
-# - skc_cookie is an atomic64_t; it stays 0 until something calls sock_gen_cookie().
-# - sk_cgrp_data.cgroup -> cgroup.kn -> kernfs_node.id is the socket's cgroup id, and
-#   sk_net -> net.ns.inum its network namespace inode (FlowRecord.cgroup_id, netns_ino).
-TCP_FIELDS: dict[str, tuple[str, str]] = {
-    "TCP_BYTES_RECEIVED": ("tcp_sock", "bytes_received"),
-    "TCP_BYTES_ACKED": ("tcp_sock", "bytes_acked"),
-    "TCP_BYTES_SENT": ("tcp_sock", "bytes_sent"),
-    "TCP_SEGS_IN": ("tcp_sock", "segs_in"),
-    "TCP_SEGS_OUT": ("tcp_sock", "segs_out"),
-    "TCP_DATA_SEGS_IN": ("tcp_sock", "data_segs_in"),
-    "TCP_DATA_SEGS_OUT": ("tcp_sock", "data_segs_out"),
-    "TCP_SRTT_US": ("tcp_sock", "srtt_us"),
-    "TCP_TOTAL_RETRANS": ("tcp_sock", "total_retrans"),
-    "SK_FAMILY": ("sock", "__sk_common.skc_family"),
-    "SK_NUM": ("sock", "__sk_common.skc_num"),
-    "SK_DPORT": ("sock", "__sk_common.skc_dport"),
-    "SK_RCV_SADDR": ("sock", "__sk_common.skc_rcv_saddr"),
-    "SK_DADDR": ("sock", "__sk_common.skc_daddr"),
-    "SK_V6_RCV_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr"),
-    "SK_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
-    "SK_STATE": ("sock", "__sk_common.skc_state"),
-    "SK_COOKIE": ("sock", "__sk_common.skc_cookie"),
-    "SK_NET": ("sock", "__sk_common.skc_net"),
-    "SK_SOCKET": ("sock", "sk_socket"),
-    "SK_CGRP_CGROUP": ("sock", "sk_cgrp_data.cgroup"),
-    "CGROUP_KN": ("cgroup", "kn"),
-    "KERNFS_NODE_ID": ("kernfs_node", "id"),
-    "NET_NS_INUM": ("net", "ns.inum"),
-}
-
 
 class Btf:
     """A parsed BTF blob: type records indexed by id, structs and unions by name."""

@@ -15,7 +15,43 @@ from pathlib import Path
 import pytest
 
 from collectors import btf
-from collectors.btf import TCP_FIELDS, Btf, BtfError, as_cflags
+from collectors.btf import Btf, BtfError, as_cflags
+from collectors.tcp_flows import OFFSETS
+
+# Real socket fields to check against bpftool, as macro name -> (struct, member path): a
+# superset of what the TCP flow collector reads (collectors.tcp_flows.OFFSETS).
+# All verified against this kernel's BTF (6.18). Notes:
+# - skc_num is the local port in host order, skc_dport the remote port in network order.
+# - skc_daddr/skc_rcv_saddr sit in anonymous unions/structs of sock_common (skc_addrpair).
+# - skc_cookie is an atomic64_t; it stays 0 until something calls sock_gen_cookie().
+# - sk_cgrp_data.cgroup -> cgroup.kn -> kernfs_node.id is the socket's cgroup id, and
+#   sk_net -> net.ns.inum its network namespace inode (FlowRecord.cgroup_id, netns_ino).
+TCP_FIELDS: dict[str, tuple[str, str]] = {
+    "TCP_BYTES_RECEIVED": ("tcp_sock", "bytes_received"),
+    "TCP_BYTES_ACKED": ("tcp_sock", "bytes_acked"),
+    "TCP_BYTES_SENT": ("tcp_sock", "bytes_sent"),
+    "TCP_SEGS_IN": ("tcp_sock", "segs_in"),
+    "TCP_SEGS_OUT": ("tcp_sock", "segs_out"),
+    "TCP_DATA_SEGS_IN": ("tcp_sock", "data_segs_in"),
+    "TCP_DATA_SEGS_OUT": ("tcp_sock", "data_segs_out"),
+    "TCP_SRTT_US": ("tcp_sock", "srtt_us"),
+    "TCP_TOTAL_RETRANS": ("tcp_sock", "total_retrans"),
+    "SK_FAMILY": ("sock", "__sk_common.skc_family"),
+    "SK_NUM": ("sock", "__sk_common.skc_num"),
+    "SK_DPORT": ("sock", "__sk_common.skc_dport"),
+    "SK_RCV_SADDR": ("sock", "__sk_common.skc_rcv_saddr"),
+    "SK_DADDR": ("sock", "__sk_common.skc_daddr"),
+    "SK_V6_RCV_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr"),
+    "SK_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
+    "SK_STATE": ("sock", "__sk_common.skc_state"),
+    "SK_COOKIE": ("sock", "__sk_common.skc_cookie"),
+    "SK_NET": ("sock", "__sk_common.skc_net"),
+    "SK_SOCKET": ("sock", "sk_socket"),
+    "SK_CGRP_CGROUP": ("sock", "sk_cgrp_data.cgroup"),
+    "CGROUP_KN": ("cgroup", "kn"),
+    "KERNFS_NODE_ID": ("kernfs_node", "id"),
+    "NET_NS_INUM": ("net", "ns.inum"),
+}
 
 VMLINUX = Path(btf.VMLINUX)
 
@@ -242,6 +278,14 @@ def test_tcp_fields_resolve(kernel: Btf) -> None:
     flags = as_cflags(offsets)
     assert f"-DTCP_BYTES_RECEIVED={offsets['TCP_BYTES_RECEIVED']}" in flags
     assert all(re.fullmatch(r"-D[A-Z0-9_]+=\d+", flag) for flag in flags)
+
+
+def test_the_flow_collectors_fields_resolve_on_this_kernel(kernel: Btf) -> None:
+    """Every offset the TCP program is compiled with exists in the running kernel."""
+    offsets = kernel.offsets(OFFSETS)
+    assert set(offsets) == set(OFFSETS)
+    for macro, (name, path) in OFFSETS.items():
+        assert offsets[macro] + kernel.member_size(name, path) <= kernel.struct_size(name)
 
 
 # --- cross-check with bpftool's own decoding -------------------------------------------
