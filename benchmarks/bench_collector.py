@@ -23,7 +23,7 @@ from collectors.environment import CollectorError, bpf_environment
 from collectors.publish import Publisher
 from tests import samples
 
-ROUNDS = 3
+ROUNDS = 4
 SECONDS = 2.0
 
 # Load generators run in their own processes, so the collector's CPU is its own.
@@ -113,24 +113,31 @@ def run() -> list[Result]:
     except CollectorError as exc:
         print(f"collector benchmarks skipped: {exc}", file=sys.stderr)
         return []
-    # Rounds alternate off and on, so that drift of the machine (other servers, caches,
-    # clock boost) does not land on one side; each side reports its median.
+    # Rounds alternate the order (off then on, on then off, ...), so that drift of the machine
+    # (other servers, the TIME_WAIT sockets a churn run leaves for the next one) does not land
+    # on one side; each side reports its median.
     off: dict[str, list[float]] = {"bulk": [], "churn": []}
     on: dict[str, list[float]] = {"bulk": [], "churn": []}
     cpu = 0.0
     published = 0
-    for _ in range(ROUNDS):
-        off["bulk"].append(_load(BULK, SECONDS))
-        off["churn"].append(_load(CHURN, SECONDS))
+
+    def measure(into: dict[str, list[float]]) -> None:
+        into["bulk"].append(_load(BULK, SECONDS))
+        into["churn"].append(_load(CHURN, SECONDS))
+
+    for round_ in range(ROUNDS):
+        if round_ % 2 == 0:
+            measure(off)
         collector = _Collector()
         try:
             cpu_before = collector.cpu_seconds()
-            on["bulk"].append(_load(BULK, SECONDS))
-            on["churn"].append(_load(CHURN, SECONDS))
+            measure(on)
             time.sleep(1.0)  # let it publish what the load left in the ring buffer
             cpu += collector.cpu_seconds() - cpu_before
         finally:
             published += collector.stop()
+        if round_ % 2 == 1:
+            measure(off)
     return [
         Result("collector: flow records into Kafka per core", published / cpu,
                _produce_rate_per_core(), "the same publisher producing ready-made records"),

@@ -53,7 +53,7 @@ def test_tracepoint_program_sees_a_real_connection(bpf_environment: None) -> Non
                 client.sendall(b"hello")
                 assert conn.recv(5) == b"hello"
                 conn.close()
-            count = bpf["transitions"][ctypes.c_int(0)].value
+            count = bpf[b"transitions"][ctypes.c_int(0)].value
         finally:
             bpf.cleanup()
     # connect() alone takes the client CLOSE -> SYN_SENT -> ESTABLISHED before it returns;
