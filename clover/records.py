@@ -25,6 +25,7 @@ import base64
 import binascii
 import dataclasses
 import functools
+import ipaddress
 import json
 import math
 import re
@@ -34,6 +35,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
+import fastjsonschema
 import orjson
 from jsonschema import Draft202012Validator, FormatChecker, ValidationError, validators
 
@@ -499,7 +501,51 @@ def _version_error(data: dict[str, Any]) -> tuple[str, str, str] | None:
     return None
 
 
+def _ecma_patterns(schema: Any) -> Any:
+    """A copy of ``schema`` whose patterns end in ``\\Z`` where ECMA's ``$`` means end of input
+    (see :func:`_ecma_pattern`), for fastjsonschema, which uses Python's ``re`` as it is."""
+    if isinstance(schema, dict):
+        return {
+            key: (value[:-1] + r"\Z" if key == "pattern" and isinstance(value, str)
+                  and value.endswith("$") and not value.endswith("\\$")
+                  else _ecma_patterns(value))
+            for key, value in schema.items()
+        }
+    if isinstance(schema, list):
+        return [_ecma_patterns(item) for item in schema]
+    return schema
+
+
+def _is_ip(kind: type) -> Any:
+    """The same check as jsonschema's FormatChecker, zone indexes (``%eth0``) refused."""
+    def check(text: str) -> bool:
+        try:
+            return not getattr(kind(text), "scope_id", None)
+        except ValueError:
+            return False
+
+    return check
+
+
+@functools.cache
+def _fast_validator(record_type: type) -> Any:
+    """The schema compiled to Python by fastjsonschema: ~30x faster than jsonschema on a valid
+    record, but it stops at the first error with a terse message. So it only ever says "valid";
+    for an invalid record jsonschema runs again to explain every problem."""
+    return fastjsonschema.compile(
+        _ecma_patterns(load_schema(record_type)),
+        formats={"ipv4": _is_ip(ipaddress.IPv4Address), "ipv6": _is_ip(ipaddress.IPv6Address)},
+    )
+
+
 def _check(record_type: type, data: Any) -> None:
+    if (isinstance(data, dict) and _version_error(data) is None
+            and (record_type not in _HAS_FLOATS or not any(_non_finite(data)))):
+        try:
+            _fast_validator(record_type)(data)
+            return
+        except fastjsonschema.JsonSchemaValueException:
+            pass  # explained below
     validator = _validator(record_type)
     if not isinstance(data, dict):
         raise RecordError(
@@ -568,18 +614,24 @@ def encode(record: Any, *, validate: bool = True) -> bytes:
     record_type = type(record)
     if record_type not in RECORD_TYPES:
         raise TypeError(f"{record_type!r} is not a Clover record type")
-    if validate:
-        _check(record_type, to_dict(record))
-    elif record_type in _HAS_FLOATS:
-        bad = [(path, "json", message) for path, _, message in _non_finite(to_dict(record))]
-        if bad:
-            raise RecordError(record_type, bad)
+    if record_type in _HAS_FLOATS:
+        if validate:
+            _check(record_type, to_dict(record))
+        else:
+            bad = [(path, "json", message) for path, _, message in _non_finite(to_dict(record))]
+            if bad:
+                raise RecordError(record_type, bad)
     try:
-        return orjson.dumps(record)
+        payload = orjson.dumps(record)
     except orjson.JSONEncodeError as exc:
         raise RecordError(
             record_type, [("", "json", f"cannot encode as JSON: {exc}")]
         ) from exc
+    if validate and record_type not in _HAS_FLOATS:
+        # The payload parsed back is the record as a dict, ~10x faster than asdict(); without
+        # floats there is no NaN that orjson could have turned into null.
+        _check(record_type, orjson.loads(payload))
+    return payload
 
 
 def decode(record_type: type[R], data: bytes | str) -> R:
