@@ -6,12 +6,10 @@ with Prometheus metrics about the collector itself.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -24,6 +22,7 @@ from clover.topics import FLOWS
 from collectors.environment import bpf_environment
 from collectors.packets import PacketCounter
 from collectors.publish import Publisher, PublisherMetrics
+from collectors.signals import stop_on_signals
 from collectors.tcp_flows import TcpFlowCollector
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ def collect_flows(settings: Settings, *, interfaces: list[str] | None = None,
     publisher = Publisher(settings, FLOWS, PublisherMetrics(registry, "flow-collector"))
     attribution = _attribution(settings)
     attribute = attribution.endpoint if attribution is not None else _unattributed
-    restore = _stop_on_signals(stop)
+    restore = stop_on_signals(stop)
     tcp = TcpFlowCollector(snapshot_interval_s=config.flow_update_interval_s,
                            max_connections=config.max_connections, attribute=attribute,
                            headers_dir=headers)
@@ -190,23 +189,3 @@ def _attribution(settings: Settings) -> Any:
     if not index.wait_synced(10):
         log.warning("the pod index is not synced yet; early flows may be unattributed")
     return index
-
-
-def _stop_on_signals(stop: threading.Event) -> Any:
-    """SIGTERM and SIGINT set ``stop``, so the loop ends and every filter is detached."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping", signum)
-        stop.set()
-
-    for sig in previous:
-        signal.signal(sig, handler)
-
-    def restore() -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-    return restore

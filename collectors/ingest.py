@@ -8,6 +8,7 @@ requests, spans accepted, spans rejected by reason.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -66,7 +67,12 @@ class ReceiverMetrics:
 
 
 class SpanSink:
-    """Validates and publishes spans for one or more receivers of a process."""
+    """Validates and publishes spans for one or more receivers of a process.
+
+    Receivers call it from their own threads (gRPC pools, the HTTP server's loop); one lock
+    keeps the publishers' bookkeeping consistent. The work under it is short: validation and
+    a produce call into librdkafka's queue.
+    """
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -74,12 +80,17 @@ class SpanSink:
         publisher_metrics = PublisherMetrics(self.registry, "span-receiver")
         self.spans = Publisher(settings, SPANS, publisher_metrics)
         self.deadletters = Publisher(settings, DEADLETTER, publisher_metrics)
+        self._lock = threading.Lock()
 
     def request(self, receiver: str) -> None:
         self.metrics.requests.labels(receiver).inc()
 
     def submit(self, receiver: str, candidates: Iterable[Candidate]) -> BatchResult:
         """Publish the valid spans; dead-letter the rest. Never raises for bad input."""
+        with self._lock:
+            return self._submit(receiver, candidates)
+
+    def _submit(self, receiver: str, candidates: Iterable[Candidate]) -> BatchResult:
         result = BatchResult()
         now_us = time.time_ns() // 1000
         for index, candidate in enumerate(candidates):
@@ -110,10 +121,12 @@ class SpanSink:
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for delivery; returns how many records are still undelivered."""
-        return self.spans.flush(timeout) + self.deadletters.flush(timeout)
+        with self._lock:
+            return self.spans.flush(timeout) + self.deadletters.flush(timeout)
 
     def close(self, timeout: float = 30.0) -> int:
-        return self.spans.close(timeout) + self.deadletters.close(timeout)
+        with self._lock:
+            return self.spans.close(timeout) + self.deadletters.close(timeout)
 
 
 def _key_of(span: dict[str, Any] | None) -> bytes | None:

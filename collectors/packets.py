@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import signal
 import socket
 import threading
 import time
@@ -49,11 +48,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from errno import ENODEV, ENOENT
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 from clover.records import Endpoint, FlowRecord, Protocol
 from collectors.environment import CollectorError, bpf_environment
+from collectors.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -402,12 +402,7 @@ def run(counter: PacketCounter, on_drain: Callable[[Drain], None], *,
     the previous handler is restored on return.
     """
     stop = stop or threading.Event()
-    previous: Any = None
-    main = threading.current_thread() is threading.main_thread()
-    if main:
-        def on_sigterm(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    restore = stop_on_signals(stop)
     try:
         counter.start()
         while not stop.wait(interval_s):
@@ -417,5 +412,4 @@ def run(counter: PacketCounter, on_drain: Callable[[Drain], None], *,
         try:
             counter.close()
         finally:
-            if main:
-                signal.signal(signal.SIGTERM, previous)
+            restore()
