@@ -86,6 +86,31 @@ def _parser() -> argparse.ArgumentParser:
                        help="stop after this long (default: until SIGTERM or Ctrl-C)")
     flows.set_defaults(run=_collect_flows)
 
+    receive = commands.add_parser("receive", help="mesh telemetry receivers")
+    receive_commands = receive.add_subparsers(title="receivers", metavar="WHAT", required=True)
+    spans = receive_commands.add_parser(
+        "spans", help="Mixer adapter, OTLP/gRPC and Zipkin receivers, publishing to clover.spans "
+                      "(ports in [receivers]; 0 turns one off)")
+    spans.add_argument("--duration", type=_positive_seconds, metavar="SECONDS",
+                       help="stop after this long (default: until SIGTERM or Ctrl-C)")
+    spans.set_defaults(run=_receive_spans)
+
+    replay = commands.add_parser("replay", help="replay recorded telemetry into Clover")
+    replay_commands = replay.add_subparsers(title="what", metavar="WHAT", required=True)
+    replay_spans = replay_commands.add_parser(
+        "spans", help="replay Jaeger JSON exports or Nezha span CSV files (plain or gzipped) "
+                      "into clover.spans")
+    replay_spans.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    pace = replay_spans.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=_positive_factor, default=1.0, metavar="FACTOR",
+                      help="keep the recorded inter-arrival times, divided by FACTOR "
+                           "(default 1: real time)")
+    pace.add_argument("--as-fast-as-possible", action="store_true",
+                      help="ignore the recorded timing")
+    replay_spans.add_argument("--namespace", help="Kubernetes namespace of the recorded "
+                              "services, when the files do not say")
+    replay_spans.set_defaults(run=_replay_spans)
+
     smoke = commands.add_parser(
         "smoke", help="send records through Kafka into Cassandra and print what arrived")
     smoke.add_argument("--count", type=int, default=12, help="service-metrics records to send")
@@ -101,6 +126,65 @@ def _positive_seconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
+
+
+def _positive_factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a factor > 0 (e.g. 10 for ten times "
+                                         f"faster), got {text!r}")
+    return value
+
+
+def _receive_spans(settings: Settings, args: argparse.Namespace) -> int:
+    import logging
+    import threading
+
+    from collectors.receivers import receive_spans
+    from collectors.signals import stop_on_signals
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    restore = stop_on_signals(stop)
+    if args.duration:
+        threading.Timer(args.duration, stop.set).start()
+    try:
+        undelivered = receive_spans(settings, stop=stop)
+    finally:
+        restore()
+    if undelivered:
+        print(f"clover: {undelivered} records were not delivered to Kafka", file=sys.stderr)
+    return 0 if undelivered == 0 else 1
+
+
+def _replay_spans(settings: Settings, args: argparse.Namespace) -> int:
+    from clover.kafka import admin_client
+    from collectors.ingest import SpanSink
+    from collectors.replay import ReplayFormatError, replay_spans
+
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        print(f"clover: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    admin_client(settings)
+    sink = SpanSink(settings)
+    try:
+        stats = replay_spans(sink, args.files, namespace=args.namespace,
+                             speed=None if args.as_fast_as_possible else args.speed)
+    except ReplayFormatError as exc:
+        print(f"clover: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        undelivered = sink.close()
+    print(f"replayed {stats.files} files: {stats.accepted} spans published, {stats.rejected} "
+          f"dead-lettered, {stats.duplicates} repeated spans skipped, in "
+          f"{stats.wall_seconds:.1f}s")
+    for service, count in sorted(stats.per_service.items()):
+        print(f"  {service:<28} {count}")
+    return 0 if undelivered == 0 else 1
 
 
 def _collect_flows(settings: Settings, args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ existing servers, or inside a real cluster. Values come from, in increasing prio
 
 1. the defaults below (the local stack started by ``clover stack up``);
 2. a TOML file: ``--config FILE`` or ``$CLOVER_CONFIG`` (sections ``[kafka]``, ``[cassandra]``,
-   ``[kubernetes]``, ``[collectors]``, ``[stack]``);
+   ``[kubernetes]``, ``[collectors]``, ``[receivers]``, ``[stack]``);
 3. environment variables ``CLOVER_<SECTION>_<KEY>``, e.g. ``CLOVER_KAFKA_BOOTSTRAP_SERVERS``.
 
 A bad value raises :class:`ConfigError` naming the key, where it came from and what is allowed.
@@ -112,12 +112,24 @@ class CollectorSettings:
 
 
 @dataclass(frozen=True)
+class ReceiverSettings:
+    """The span receivers (`clover receive spans`); a port of 0 turns that receiver off."""
+
+    listen_host: str = "0.0.0.0"
+    mixer_port: int = 9091  # Istio 1.0-1.4 Mixer out-of-process adapter (gRPC)
+    otlp_port: int = 4317  # OpenTelemetry OTLP/gRPC traces
+    zipkin_port: int = 9411  # Zipkin v2 JSON over HTTP
+    metrics_port: int = 9465  # their own Prometheus endpoint
+
+
+@dataclass(frozen=True)
 class Settings:
     stack: StackSettings = field(default_factory=StackSettings)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     cassandra: CassandraSettings = field(default_factory=CassandraSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     collectors: CollectorSettings = field(default_factory=CollectorSettings)
+    receivers: ReceiverSettings = field(default_factory=ReceiverSettings)
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -147,6 +159,8 @@ def _int_range(section: str, key: str) -> tuple[int, int, str]:
         return 0, 65535, "a TCP port from 1 to 65535, or 0 for the local stack's"
     if key == "metrics_port":
         return 0, 65535, "a TCP port from 1 to 65535, or 0 for no metrics endpoint"
+    if section == "receivers" and key.endswith("_port"):
+        return 0, 65535, "a TCP port from 1 to 65535, or 0 to turn that receiver off"
     if key.endswith("port"):
         return 1, 65535, "a TCP port from 1 to 65535"
     if key == "ttl_days":
