@@ -1,0 +1,150 @@
+"""Span ingestion: spans/s per core of the receivers process (`clover receive spans`) for
+batched OTLP/gRPC and Zipkin requests, against the same publisher producing ready-made records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import psutil
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.resource.v1 import resource_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from benchmarks.common import Result
+from clover.config import load_settings
+from clover.topics import SPANS
+from collectors.publish import Publisher
+from tests import samples
+
+BATCH = 1000  # spans per request, as an OpenTelemetry collector's batch processor sends
+REQUESTS = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _otlp_request(batch: int, seed: int) -> bytes:
+    def attr(key: str, value: str | int) -> common_pb2.KeyValue:
+        any_value = (common_pb2.AnyValue(int_value=value) if isinstance(value, int)
+                     else common_pb2.AnyValue(string_value=value))
+        return common_pb2.KeyValue(key=key, value=any_value)
+
+    spans = []
+    for i in range(batch):
+        start = 1_717_200_000_000_000_000 + (seed * batch + i) * 1_000_000
+        spans.append(trace_pb2.Span(
+            trace_id=(seed * batch + i + 1).to_bytes(16, "big"),
+            span_id=(i + 1).to_bytes(8, "big"), name="GET /cart",
+            kind=trace_pb2.Span.SPAN_KIND_SERVER, start_time_unix_nano=start,
+            end_time_unix_nano=start + 12_000_000,
+            attributes=[attr("http.response.status_code", 200)]))
+    resource = resource_pb2.Resource(attributes=[
+        attr("service.name", "cart"), attr("k8s.namespace.name", "shop"),
+        attr("k8s.pod.name", "cart-5c4b7f9d8-q8wzt"), attr("k8s.deployment.name", "cart"),
+        attr("k8s.replicaset.name", "cart-5c4b7f9d8")])
+    request = trace_service_pb2.ExportTraceServiceRequest(resource_spans=[
+        trace_pb2.ResourceSpans(resource=resource,
+                                scope_spans=[trace_pb2.ScopeSpans(spans=spans)])])
+    return bytes(request.SerializeToString())
+
+
+def _zipkin_request(batch: int, seed: int) -> bytes:
+    return json.dumps([{
+        "traceId": f"{seed * batch + i + 1:032x}", "id": f"{i + 1:016x}", "name": "get /cart",
+        "kind": "SERVER", "timestamp": 1_717_200_000_000_000 + (seed * batch + i) * 1000,
+        "duration": 12_000, "localEndpoint": {"serviceName": "cart.shop"},
+        "tags": {"http.status_code": "200"}} for i in range(batch)]).encode()
+
+
+class _Receivers:
+    def __init__(self, otlp_port: int, zipkin_port: int) -> None:
+        env = {**os.environ, "CLOVER_RECEIVERS_MIXER_PORT": "0",
+               "CLOVER_RECEIVERS_OTLP_PORT": str(otlp_port),
+               "CLOVER_RECEIVERS_ZIPKIN_PORT": str(zipkin_port),
+               "CLOVER_RECEIVERS_METRICS_PORT": "0", "CLOVER_RECEIVERS_LISTEN_HOST": "127.0.0.1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "clover.cli", "receive", "spans"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        assert self.proc.stderr is not None
+        listening = 0
+        for line in self.proc.stderr:
+            listening += "receiver listening" in line
+            if listening == 2:
+                break
+        else:
+            raise RuntimeError(f"the receivers did not start: {self.proc.wait()}")
+        self.ps = psutil.Process(self.proc.pid)
+
+    def cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return times.user + times.system
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)
+
+
+def _measure(receivers: _Receivers, send: object, bodies: list[bytes]) -> float:
+    """Spans per CPU-second of the receivers process while it ingests ``bodies``."""
+    before = receivers.cpu_seconds()
+    for body in bodies:
+        send(body)  # type: ignore[operator]
+    time.sleep(0.5)  # the last produce calls
+    return len(bodies) * BATCH / (receivers.cpu_seconds() - before)
+
+
+def _publisher_rate_per_core(n: int = 50_000) -> float:
+    span = samples.sample_span()
+    publisher = Publisher(load_settings(), SPANS)
+    start = time.process_time()
+    for i in range(n):
+        span.start_us += i
+        publisher.publish(span)
+        if i % 1000 == 0:
+            publisher.poll()
+    assert publisher.flush(60) == 0
+    return n / (time.process_time() - start)
+
+
+def run() -> list[Result]:
+    otlp_port, zipkin_port = _free_port(), _free_port()
+    receivers = _Receivers(otlp_port, zipkin_port)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{otlp_port}")
+        export = trace_service_pb2_grpc.TraceServiceStub(channel).Export
+
+        def send_otlp(body: bytes) -> None:
+            response = export(trace_service_pb2.ExportTraceServiceRequest.FromString(body),
+                              timeout=30)
+            assert response.partial_success.rejected_spans == 0
+
+        def send_zipkin(body: bytes) -> None:
+            request = urllib.request.Request(f"http://127.0.0.1:{zipkin_port}/api/v2/spans",
+                                             data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert response.status == 202
+
+        otlp = _measure(receivers, send_otlp, [_otlp_request(BATCH, s) for s in range(REQUESTS)])
+        zipkin = _measure(receivers, send_zipkin,
+                          [_zipkin_request(BATCH, s) for s in range(REQUESTS)])
+        channel.close()
+    finally:
+        receivers.stop()
+    baseline = _publisher_rate_per_core()
+    label = "the same publisher producing ready-made span records"
+    return [Result(f"OTLP/gRPC spans ingested per core ({BATCH}/request)", otlp, baseline, label),
+            Result(f"Zipkin spans ingested per core ({BATCH}/request)", zipkin, baseline, label)]
