@@ -16,11 +16,9 @@ from statistics import median
 
 import psutil
 
-from benchmarks.common import Result
-from clover.config import load_settings
+from benchmarks.common import Result, publisher_rate_per_core
 from clover.topics import FLOWS
 from collectors.environment import CollectorError, bpf_environment
-from collectors.publish import Publisher
 from tests import samples
 
 ROUNDS = 4
@@ -93,20 +91,6 @@ class _Collector:
         return int(out.split()[1])  # "published N flow records; ..."
 
 
-def _produce_rate_per_core(n: int = 50_000) -> float:
-    """Baseline: the same publisher producing ready-made FlowRecords, per CPU-second."""
-    flow = samples.sample_flow()
-    publisher = Publisher(load_settings(), FLOWS)
-    start = time.process_time()
-    for i in range(n):
-        flow.start_us += i
-        publisher.publish(flow)
-        if i % 1000 == 0:
-            publisher.poll()
-    assert publisher.flush(60) == 0
-    return n / (time.process_time() - start)
-
-
 def run() -> list[Result]:
     try:
         bpf_environment()
@@ -140,7 +124,8 @@ def run() -> list[Result]:
             measure(off)
     return [
         Result("collector: flow records into Kafka per core", published / cpu,
-               _produce_rate_per_core(), "the same publisher producing ready-made records"),
+               publisher_rate_per_core(FLOWS, samples.sample_flow()),
+               "the same publisher producing ready-made records"),
         Result("loopback TCP bulk throughput, collector on", median(on["bulk"]) / 1e6,
                median(off["bulk"]) / 1e6, "collector off, same run", unit="MB/s"),
         Result("loopback TCP connections/s, collector on", median(on["churn"]),

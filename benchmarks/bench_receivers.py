@@ -20,10 +20,8 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from benchmarks.common import Result
-from clover.config import load_settings
+from benchmarks.common import Result, publisher_rate_per_core
 from clover.topics import SPANS
-from collectors.publish import Publisher
 from tests import samples
 
 BATCH = 1000  # spans per request, as an OpenTelemetry collector's batch processor sends
@@ -106,19 +104,6 @@ def _measure(receivers: _Receivers, send: object, bodies: list[bytes]) -> float:
     return len(bodies) * BATCH / (receivers.cpu_seconds() - before)
 
 
-def _publisher_rate_per_core(n: int = 50_000) -> float:
-    span = samples.sample_span()
-    publisher = Publisher(load_settings(), SPANS)
-    start = time.process_time()
-    for i in range(n):
-        span.start_us += i
-        publisher.publish(span)
-        if i % 1000 == 0:
-            publisher.poll()
-    assert publisher.flush(60) == 0
-    return n / (time.process_time() - start)
-
-
 def run() -> list[Result]:
     otlp_port, zipkin_port = _free_port(), _free_port()
     receivers = _Receivers(otlp_port, zipkin_port)
@@ -144,7 +129,7 @@ def run() -> list[Result]:
         channel.close()
     finally:
         receivers.stop()
-    baseline = _publisher_rate_per_core()
+    baseline = publisher_rate_per_core(SPANS, samples.sample_span())
     label = "the same publisher producing ready-made span records"
     return [Result(f"OTLP/gRPC spans ingested per core ({BATCH}/request)", otlp, baseline, label),
             Result(f"Zipkin spans ingested per core ({BATCH}/request)", zipkin, baseline, label)]

@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -39,6 +40,16 @@ def live_stack(settings: Settings) -> Stack:
 @pytest.fixture(scope="session")
 def kafka_topics(live_stack: Stack, settings: Settings) -> dict[str, str]:
     return topics.create_topics(AdminClient(client_config(settings)))
+
+
+@pytest.fixture
+def sink(kafka_topics: dict[str, str], settings: Settings) -> Iterator[Any]:
+    """A span sink on the real Kafka, closed (everything delivered) after the test."""
+    from collectors.ingest import SpanSink
+
+    sink = SpanSink(settings)
+    yield sink
+    sink.close()
 
 
 @pytest.fixture

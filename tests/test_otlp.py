@@ -20,7 +20,6 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from clover import records
-from clover.config import Settings
 from clover.records import DeadLetter, SpanRecord
 from clover.topics import DEADLETTER, SPANS
 from collectors import otlp, spanmap
@@ -46,13 +45,6 @@ def span(name: str, kind: Span.SpanKind.ValueType, *, trace_id: bytes, parent: b
                 kind=kind, start_time_unix_nano=start,
                 end_time_unix_nano=start + int(duration_ms * 1_000_000),
                 status=Status(code=status), attributes=attrs(attributes or {}))
-
-
-@pytest.fixture
-def sink(settings: Settings, kafka_topics: Any) -> Iterator[SpanSink]:
-    sink = SpanSink(settings)
-    yield sink
-    sink.close()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from clover import records
-from clover.config import Settings
 from clover.records import DeadLetter, SpanRecord
 from clover.topics import DEADLETTER, SPANS
 from collectors.ingest import SpanSink
@@ -44,13 +43,6 @@ def post(port: int, body: bytes | Any, *, path: str = "/api/v2/spans",
 
 def hex_id(digits: int) -> str:
     return os.urandom(digits // 2).hex()
-
-
-@pytest.fixture
-def sink(settings: Settings, kafka_topics: Any) -> Iterator[SpanSink]:
-    sink = SpanSink(settings)
-    yield sink
-    sink.close()
 
 
 @pytest.fixture
