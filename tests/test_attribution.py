@@ -9,13 +9,16 @@ fd42:c10e::/64 labels; no traffic is sent to them.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from kubernetes import client, config
@@ -264,9 +267,51 @@ def test_cluster_wide_watch_without_permission_is_reported(pipeline: client.ApiC
     assert not index._threads, "watch threads still running after stop()"
 
 
-def test_expired_resource_version_lists_again(pipeline: client.ApiClient, ns: str) -> None:
+def _compact_etcd(stack: Stack) -> None:
+    """Compact the stack's etcd to its current revision (its v3 JSON gateway), as the API
+    server itself does every five minutes, so that old resourceVersions are really gone."""
+    base = f"http://127.0.0.1:{stack.settings.stack.etcd_port}/v3/kv"
+
+    def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(f"{base}/{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return dict(json.load(response))
+
+    revision = post("range", {"key": "AA=="})["header"]["revision"]
+    try:
+        post("compaction", {"revision": revision})
+    except urllib.error.HTTPError as exc:  # compacted to this revision already: as wanted
+        if "compacted" not in exc.read().decode():
+            raise
+
+
+def _expired(api: client.ApiClient, namespace: str, version: str) -> bool:
+    """Whether the server answers a pod watch from ``version`` with 410 Gone."""
+    from kubernetes import watch
+
+    try:
+        for event in watch.Watch().stream(client.CoreV1Api(api).list_namespaced_pod, namespace,
+                                          resource_version=version, timeout_seconds=1):
+            return bool(event["type"] == "ERROR" and event["raw_object"].get("code") == 410)
+    except client.ApiException as exc:
+        return exc.status == 410
+    return False
+
+
+def test_expired_resource_version_lists_again(pipeline: client.ApiClient, ns: str,
+                                              live_stack: Stack) -> None:
     """A watch from a compacted resourceVersion gets 410 Gone from the server: the index lists
-    again and carries on, and that is not counted as an error."""
+    again and carries on, and that is not counted as an error.
+
+    The 410 is the server's own. A young etcd cannot give it: the API server's watch cache
+    (which resizes itself with the event rate) still replays from resourceVersion 1 there, so
+    the test skips, saying so; on a stack with some history it runs.
+    """
+    _compact_etcd(live_stack)  # the API server compacts only every five minutes
+    if not _expired(pipeline, ns, "1"):
+        pytest.skip("this API server still serves resourceVersion 1 from its watch cache (a "
+                    "young etcd), so no 410 can be caused for real")
     index = PodIndex(pipeline, namespaces=[ns])
     real_list = index._list
     listed: list[str] = []
