@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from clover.config import ConfigError, Settings, load_settings
 
@@ -118,25 +119,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
+def _positive(what: str) -> Any:
+    """An argparse type: a number > 0; the error says ``what`` was expected."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected {what} > 0, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_factor(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a factor > 0 (e.g. 10 for ten times "
-                                         f"faster), got {text!r}")
-    return value
+_positive_seconds = _positive("a number of seconds")
+_positive_factor = _positive("a factor (e.g. 10 for ten times faster)")
 
 
 def _receive_spans(settings: Settings, args: argparse.Namespace) -> int:
