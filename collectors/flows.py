@@ -16,14 +16,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from clover.config import Settings
 from clover.kafka import admin_client
-from clover.records import Endpoint
 from clover.stack.install import kernel_headers_dir
 from clover.topics import FLOWS
 from collectors.environment import bpf_environment
 from collectors.packets import PacketCounter
 from collectors.publish import Publisher, PublisherMetrics
 from collectors.signals import stop_on_signals
-from collectors.tcp_flows import TcpFlowCollector
+from collectors.tcp_flows import Attribute, TcpFlowCollector, unattributed
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def collect_flows(settings: Settings, *, interfaces: list[str] | None = None,
         start_http_server(config.metrics_port, addr="0.0.0.0", registry=registry)
     publisher = Publisher(settings, FLOWS, PublisherMetrics(registry, "flow-collector"))
     attribution = _attribution(settings)
-    attribute = attribution.endpoint if attribution is not None else _unattributed
+    attribute = attribution.endpoint if attribution is not None else unattributed
     restore = stop_on_signals(stop)
     tcp = TcpFlowCollector(snapshot_interval_s=config.flow_update_interval_s,
                            max_connections=config.max_connections, attribute=attribute,
@@ -124,7 +123,7 @@ def collect_flows(settings: Settings, *, interfaces: list[str] | None = None,
 
 
 def _periodic(tcp: TcpFlowCollector, packets: PacketCounter | None, publisher: Publisher,
-              metrics: FlowMetrics, attribute: Any, lost_seen: dict[str, int]) -> None:
+              metrics: FlowMetrics, attribute: Attribute, lost_seen: dict[str, int]) -> None:
     """Updates of long-lived connections, a drain of the packet counters, and the gauges."""
     for record in tcp.snapshots():
         publisher.publish(record)
@@ -144,8 +143,8 @@ def _periodic(tcp: TcpFlowCollector, packets: PacketCounter | None, publisher: P
         metrics.lost.labels("tc", "map_full").inc(drain.dropped_updates)
         lost_seen["dropped_updates"] += drain.dropped_updates
     for record in drain.flows:
-        record.src = _attributed(attribute, record.src)
-        record.dst = _attributed(attribute, record.dst)
+        record.src = attribute(record.src.addr, record.src.port)
+        record.dst = attribute(record.dst.addr, record.dst.port)
         publisher.publish(record)
     for interface, counters in drain.interfaces.items():
         for direction, by_protocol in (("rx", counters.rx), ("tx", counters.tx)):
@@ -153,14 +152,6 @@ def _periodic(tcp: TcpFlowCollector, packets: PacketCounter | None, publisher: P
                 metrics.interface_packets.labels(interface, direction, protocol).inc(
                     counts.packets)
                 metrics.interface_bytes.labels(interface, direction, protocol).inc(counts.bytes)
-
-
-def _attributed(attribute: Any, end: Endpoint) -> Endpoint:
-    return attribute(end.addr, end.port)
-
-
-def _unattributed(addr: str, port: int | None) -> Endpoint:
-    return Endpoint(addr=addr, port=port)
 
 
 def _attribution(settings: Settings) -> Any:

@@ -39,7 +39,8 @@ OFFSETS: dict[str, tuple[str, str]] = {
 Attribute = Callable[[str, int | None], Endpoint]
 
 
-def _unattributed(addr: str, port: int | None) -> Endpoint:
+def unattributed(addr: str, port: int | None) -> Endpoint:
+    """The endpoint as seen, with no Kubernetes identity (there is no attribution)."""
     return Endpoint(addr=addr, port=port)
 
 
@@ -54,7 +55,7 @@ class TcpFlowCollector:
 
     def __init__(self, *, node: str | None = None, snapshot_interval_s: float = 10.0,
                  max_connections: int = 65536, ring_buffer_pages: int = 1024,
-                 attribute: Attribute = _unattributed, headers_dir: Path | None = None,
+                 attribute: Attribute = unattributed, headers_dir: Path | None = None,
                  btf: Btf | None = None) -> None:
         self.node = node or socket.gethostname()
         self.snapshot_interval_s = snapshot_interval_s
