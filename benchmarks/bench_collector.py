@@ -6,17 +6,12 @@ Needs root and eBPF; says why and measures nothing otherwise.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from statistics import median
 
-import psutil
-
-from benchmarks.common import Result, publisher_rate_per_core
+from benchmarks.common import CliProcess, Result, publisher_rate_per_core
 from clover.topics import FLOWS
 from collectors.environment import CollectorError, bpf_environment
 from tests import samples
@@ -63,34 +58,6 @@ def _load(script: str, seconds: float) -> float:
     return float(out.stdout)
 
 
-class _Collector:
-    """`clover collect flows` in its own process; its CPU time is measured while it runs."""
-
-    def __init__(self) -> None:
-        env = {**os.environ, "CLOVER_COLLECTORS_METRICS_PORT": "0"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "clover.cli", "collect", "flows"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=env)
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:  # wait until the programs are attached
-            if "collecting flows" in line:
-                break
-        else:
-            raise RuntimeError(f"the collector did not start: {self.proc.wait()}")
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
-        self.ps = psutil.Process(self.proc.pid)
-
-    def cpu_seconds(self) -> float:
-        times = self.ps.cpu_times()
-        return times.user + times.system
-
-    def stop(self) -> int:
-        """Stop it (SIGTERM) and return how many records it published."""
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=120)
-        return int(out.split()[1])  # "published N flow records; ..."
-
-
 def run() -> list[Result]:
     try:
         bpf_environment()
@@ -112,14 +79,16 @@ def run() -> list[Result]:
     for round_ in range(ROUNDS):
         if round_ % 2 == 0:
             measure(off)
-        collector = _Collector()
+        # The collector in its own process: its CPU time is measured while it runs.
+        collector = CliProcess(["collect", "flows"], {"CLOVER_COLLECTORS_METRICS_PORT": "0"},
+                               ready="collecting flows")
         try:
             cpu_before = collector.cpu_seconds()
             measure(on)
             time.sleep(1.0)  # let it publish what the load left in the ring buffer
             cpu += collector.cpu_seconds() - cpu_before
         finally:
-            published += collector.stop()
+            published += int(collector.stop().split()[1])  # "published N flow records; ..."
         if round_ % 2 == 1:
             measure(off)
     return [

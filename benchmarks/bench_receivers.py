@@ -5,22 +5,17 @@ batched OTLP/gRPC and Zipkin requests, against the same publisher producing read
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
 import grpc
-import psutil
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from benchmarks.common import Result, publisher_rate_per_core
+from benchmarks.common import CliProcess, Result, publisher_rate_per_core
 from clover.topics import SPANS
 from tests import samples
 
@@ -67,35 +62,7 @@ def _zipkin_request(batch: int, seed: int) -> bytes:
         "tags": {"http.status_code": "200"}} for i in range(batch)]).encode()
 
 
-class _Receivers:
-    def __init__(self, otlp_port: int, zipkin_port: int) -> None:
-        env = {**os.environ, "CLOVER_RECEIVERS_MIXER_PORT": "0",
-               "CLOVER_RECEIVERS_OTLP_PORT": str(otlp_port),
-               "CLOVER_RECEIVERS_ZIPKIN_PORT": str(zipkin_port),
-               "CLOVER_RECEIVERS_METRICS_PORT": "0", "CLOVER_RECEIVERS_LISTEN_HOST": "127.0.0.1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "clover.cli", "receive", "spans"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, env=env)
-        assert self.proc.stderr is not None
-        listening = 0
-        for line in self.proc.stderr:
-            listening += "receiver listening" in line
-            if listening == 2:
-                break
-        else:
-            raise RuntimeError(f"the receivers did not start: {self.proc.wait()}")
-        self.ps = psutil.Process(self.proc.pid)
-
-    def cpu_seconds(self) -> float:
-        times = self.ps.cpu_times()
-        return times.user + times.system
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(120)
-
-
-def _measure(receivers: _Receivers, send: object, bodies: list[bytes]) -> float:
+def _measure(receivers: CliProcess, send: object, bodies: list[bytes]) -> float:
     """Spans per CPU-second of the receivers process while it ingests ``bodies``."""
     before = receivers.cpu_seconds()
     for body in bodies:
@@ -106,7 +73,10 @@ def _measure(receivers: _Receivers, send: object, bodies: list[bytes]) -> float:
 
 def run() -> list[Result]:
     otlp_port, zipkin_port = _free_port(), _free_port()
-    receivers = _Receivers(otlp_port, zipkin_port)
+    receivers = CliProcess(["receive", "spans"], {
+        "CLOVER_RECEIVERS_MIXER_PORT": "0", "CLOVER_RECEIVERS_OTLP_PORT": str(otlp_port),
+        "CLOVER_RECEIVERS_ZIPKIN_PORT": str(zipkin_port), "CLOVER_RECEIVERS_METRICS_PORT": "0",
+        "CLOVER_RECEIVERS_LISTEN_HOST": "127.0.0.1"}, ready="receiver listening", ready_count=2)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{otlp_port}")
         export = trace_service_pb2_grpc.TraceServiceStub(channel).Export
