@@ -5,7 +5,7 @@ existing servers, or inside a real cluster. Values come from, in increasing prio
 
 1. the defaults below (the local stack started by ``clover stack up``);
 2. a TOML file: ``--config FILE`` or ``$CLOVER_CONFIG`` (sections ``[kafka]``, ``[cassandra]``,
-   ``[kubernetes]``, ``[collectors]``, ``[receivers]``, ``[stack]``);
+   ``[kubernetes]``, ``[collectors]``, ``[receivers]``, ``[streams]``, ``[stack]``);
 3. environment variables ``CLOVER_<SECTION>_<KEY>``, e.g. ``CLOVER_KAFKA_BOOTSTRAP_SERVERS``.
 
 A bad value raises :class:`ConfigError` naming the key, where it came from and what is allowed.
@@ -123,6 +123,21 @@ class ReceiverSettings:
 
 
 @dataclass(frozen=True)
+class StreamSettings:
+    """The Faust stream workers that aggregate flows and spans into per-service windows."""
+
+    # The Faust app id, which is also the Kafka consumer group the workers share.
+    app_id: str = "clover-aggregate"
+    window_seconds: int = 10
+    # How long after a window ends records may still arrive for it (event time).
+    allowed_lateness_seconds: int = 5
+    # When a partition has been silent this long (wall clock), its event time is assumed to
+    # move on with the clock, so the last windows close although no newer record comes.
+    idle_close_seconds: int = 5
+    metrics_port: int = 9466
+
+
+@dataclass(frozen=True)
 class Settings:
     stack: StackSettings = field(default_factory=StackSettings)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
@@ -130,6 +145,7 @@ class Settings:
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     collectors: CollectorSettings = field(default_factory=CollectorSettings)
     receivers: ReceiverSettings = field(default_factory=ReceiverSettings)
+    streams: StreamSettings = field(default_factory=StreamSettings)
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -241,6 +257,15 @@ def _coerce(section: str, key: str, hint: Any, raw: Any, where: str) -> Any:
                 raise ValueError(wanted) from None
             if not low <= value <= high:
                 raise ValueError(wanted)
+        elif base is bool:
+            value = _boolean(raw)
+        elif base is float:
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                raise ValueError("a number") from None
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError("a finite number")
         elif base is Path:
             value = Path(os.path.expanduser(str(raw)))
         elif base is str:
@@ -264,6 +289,17 @@ def _coerce(section: str, key: str, hint: Any, raw: Any, where: str) -> Any:
             f"{qualified}: got {raw!r} from {where}; allowed: {', '.join(map(str, choices))}"
         )
     return value
+
+
+def _boolean(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("true or false (also 1/0, yes/no, on/off)")
 
 
 def _strip_optional(hint: Any) -> Any:

@@ -104,3 +104,22 @@ def test_the_command_line_rejects_unknown_commands() -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "invalid choice: 'upp'" in out.stderr
+
+
+def test_booleans_and_numbers_are_parsed_and_bad_ones_named() -> None:
+    from clover.config import _coerce
+
+    assert _coerce("rollback", "dry_run", bool, "yes", "env") is True
+    assert _coerce("rollback", "dry_run", bool, False, "file") is False
+    assert _coerce("models", "threshold", float, "0.75", "env") == 0.75
+    with pytest.raises(ConfigError, match="rollback.dry_run: got 'maybe'.*true or false"):
+        _coerce("rollback", "dry_run", bool, "maybe", "env")
+    with pytest.raises(ConfigError, match="models.threshold: got 'nan'.*finite"):
+        _coerce("models", "threshold", float, "nan", "env")
+
+
+def test_stream_settings_come_from_the_environment() -> None:
+    settings = load_settings(environ={"CLOVER_STREAMS_WINDOW_SECONDS": "5"})
+    assert settings.streams.window_seconds == 5
+    with pytest.raises(ConfigError, match="streams.window_seconds"):
+        load_settings(environ={"CLOVER_STREAMS_WINDOW_SECONDS": "0"})
