@@ -5,7 +5,8 @@ existing servers, or inside a real cluster. Values come from, in increasing prio
 
 1. the defaults below (the local stack started by ``clover stack up``);
 2. a TOML file: ``--config FILE`` or ``$CLOVER_CONFIG`` (sections ``[kafka]``, ``[cassandra]``,
-   ``[kubernetes]``, ``[collectors]``, ``[receivers]``, ``[streams]``, ``[stack]``);
+   ``[kubernetes]``, ``[collectors]``, ``[receivers]``, ``[streams]``, ``[rollback]``,
+   ``[stack]``);
 3. environment variables ``CLOVER_<SECTION>_<KEY>``, e.g. ``CLOVER_KAFKA_BOOTSTRAP_SERVERS``.
 
 A bad value raises :class:`ConfigError` naming the key, where it came from and what is allowed.
@@ -138,6 +139,32 @@ class StreamSettings:
 
 
 @dataclass(frozen=True)
+class RollbackSettings:
+    """The rollback agent (`clover rollback agent`): when it may roll a Deployment back."""
+
+    # Act only on a Deployment whose revision changed at most this many seconds ago...
+    watch_window_s: int = 600
+    # ...or whose rollout completed (promotion) at most this many seconds ago (0: off).
+    post_promotion_watch_s: int = 300
+    # Anomalous windows in a row (of one revision) before acting.
+    consecutive_windows: int = 3
+    # After a rollback (or a dry-run one), no further action on that Deployment for this long.
+    cooldown_s: int = 900
+    # Namespaces it may act in; empty means [kubernetes] namespace, "*" means all.
+    allowed_namespaces: tuple[str, ...] = ()
+    # Decide and record, but never patch.
+    dry_run: bool = False
+    # Its own Prometheus endpoint (0: none).
+    metrics_port: int = 9467
+    # Its identity: a kubeconfig path, or "in-cluster"; empty means [kubernetes] kubeconfig.
+    kubeconfig: str = ""
+    # How long to retry an unreachable API server before recording the decision as failed.
+    api_retry_s: int = 20
+    # Kafka consumer group (and Faust app id) of the agent.
+    group_id: str = "clover-rollback"
+
+
+@dataclass(frozen=True)
 class Settings:
     stack: StackSettings = field(default_factory=StackSettings)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
@@ -145,6 +172,7 @@ class Settings:
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     collectors: CollectorSettings = field(default_factory=CollectorSettings)
     receivers: ReceiverSettings = field(default_factory=ReceiverSettings)
+    rollback: RollbackSettings = field(default_factory=RollbackSettings)
     streams: StreamSettings = field(default_factory=StreamSettings)
 
     @property
@@ -163,6 +191,14 @@ class Settings:
     def kubeconfig(self) -> str:
         return self.kubernetes.kubeconfig or str(self.stack.home / "kube" / "pipeline.kubeconfig")
 
+    @property
+    def rollback_kubeconfig(self) -> str:
+        return self.rollback.kubeconfig or self.kubeconfig
+
+    @property
+    def rollback_namespaces(self) -> tuple[str, ...]:
+        return self.rollback.allowed_namespaces or (self.kubernetes.namespace,)
+
 
 _CHOICES: dict[tuple[str, str], tuple[object, ...]] = {
     ("cassandra", "protocol_version"): (3, 4, 5),
@@ -179,6 +215,8 @@ def _int_range(section: str, key: str) -> tuple[int, int, str]:
         return 0, 65535, "a TCP port from 1 to 65535, or 0 to turn that receiver off"
     if key.endswith("port"):
         return 1, 65535, "a TCP port from 1 to 65535"
+    if section == "rollback" and key in ("post_promotion_watch_s", "cooldown_s"):
+        return 0, 2**31 - 1, "a whole number of seconds >= 0 (0 turns it off)"
     if key == "ttl_days":
         return 0, 2**31 - 1, "a whole number of days >= 0 (0 keeps rows forever)"
     return 1, 2**31 - 1, "a whole number >= 1"
