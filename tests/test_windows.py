@@ -1,0 +1,110 @@
+"""Window aggregation rules (analytics/windows.py), on records built in the test."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from analytics.windows import WindowAggregator, aggregate, decode_sketch, merge_sketches
+from clover.records import Endpoint, FlowRecord, ServiceMetrics, SpanRecord, to_dict, validate
+
+BASE_US = 1_700_000_000_000_000  # a window boundary for every window length used here
+
+
+def span(i: int, end_us: int, duration_us: int = 10_000, *, service: str = "cart",
+         kind: str = "server", error: bool = False, revision: str = "r1",
+         peer: str | None = None) -> SpanRecord:
+    return SpanRecord(trace_id=f"{i:032x}", span_id=f"{i + 1:016x}", service=service,
+                      operation="GET /", kind=kind, start_us=end_us - duration_us,
+                      duration_us=duration_us, error=error, source="otlp", namespace="shop",
+                      revision=revision, peer_service=peer, peer_namespace="shop" if peer else None,
+                      bytes_sent=100, bytes_received=40)
+
+
+def flow(end_us: int, *, state: str = "closed", observed_at: str = "src", sport: int = 40000,
+         duration_us: int = 1000, sent: int = 500, received: int = 2000) -> FlowRecord:
+    return FlowRecord(
+        observer="tcp_lifecycle", node="n1", protocol="tcp", ip_version=4,
+        src=Endpoint("10.0.0.1", sport, "shop", "frontend", "frontend-1", "f1"),
+        dst=Endpoint("10.0.0.2", 8080, "shop", "cart", "cart-1", "r1"),
+        bytes_sent=sent, bytes_received=received, packets_sent=5, packets_received=6,
+        start_us=end_us - duration_us, duration_us=duration_us,
+        end_us=None if state == "open" else end_us, state=state, observed_at=observed_at)
+
+
+def test_spans_count_in_the_window_they_end_with_exact_totals() -> None:
+    rows = aggregate([span(1, BASE_US + 9_999_999), span(2, BASE_US + 10_000_000, error=True),
+                      span(3, BASE_US + 12_000_000, duration_us=30_000)])
+    assert [(r.window_start_us, r.requests, r.errors) for r in rows] == [
+        (BASE_US, 1, 0), (BASE_US + 10_000_000, 2, 1)]
+    second = rows[1]
+    assert second.error_rate == 0.5
+    assert second.latency_max_ms == 30.0
+    assert second.bytes_in == 80 and second.bytes_out == 200  # from spans: no flows here
+    for row in rows:
+        validate(ServiceMetrics, to_dict(row))
+
+
+def test_client_spans_make_edge_rows_and_internal_spans_are_not_requests() -> None:
+    rows = aggregate([span(1, BASE_US + 1, service="frontend", kind="client", peer="cart"),
+                      span(2, BASE_US + 2, service="frontend", kind="internal"),
+                      span(3, BASE_US + 3, service="frontend", kind="server")])
+    keyed = {(r.service, r.peer_service): r.requests for r in rows}
+    assert keyed == {("frontend", None): 1, ("frontend", "cart"): 1}
+
+
+def test_percentiles_are_within_the_sketch_accuracy_and_merge_across_windows() -> None:
+    rng = random.Random(7)
+    durations = [rng.randint(1_000, 400_000) for _ in range(5000)]
+    spans = [span(i, BASE_US + i * 20_000, d) for i, d in enumerate(durations)]
+    rows = aggregate(spans, window_seconds=10)
+    assert len(rows) == 10
+    truth = np.array(durations) / 1000.0
+    merged = merge_sketches(r.latency_sketch for r in rows)
+    assert merged is not None and merged.count == 5000
+    for q in (0.5, 0.9, 0.99):
+        exact = float(np.quantile(truth, q, method="lower"))
+        assert merged.get_quantile_value(q) == pytest.approx(exact, rel=0.011)
+    first = decode_sketch(rows[0].latency_sketch or "")
+    assert first.count == 500
+
+
+def test_final_flow_records_count_once_per_connection_and_open_updates_not_at_all() -> None:
+    end = BASE_US + 5_000_000
+    rows = aggregate(flows=[
+        flow(end - 2_000_000, state="open"),  # cumulative progress report
+        flow(end, observed_at="src"),
+        flow(end + 100, observed_at="dst"),  # the other side of the same connection
+        flow(end, state="reset", sport=40001, duration_us=20_000_000),  # opened earlier
+    ])
+    [cart] = rows
+    assert cart.service == "cart" and cart.revision == "r1"
+    assert (cart.flows, cart.connections_closed, cart.connections_reset,
+            cart.connections_opened) == (2, 1, 1, 1)
+    # Into the server: the client's bytes_sent; out of it: what the client received.
+    assert (cart.bytes_in, cart.bytes_out) == (1000, 4000)
+
+
+def test_a_record_later_than_the_allowed_lateness_is_refused_not_dropped() -> None:
+    aggregator = WindowAggregator(window_seconds=10, allowed_lateness_seconds=2)
+    assert aggregator.add_span(span(1, BASE_US + 1), "spans", 0)
+    assert aggregator.add_span(span(2, BASE_US + 11_000_000), "spans", 1)
+    assert aggregator.close_due() == []  # 1 s past the end: within the lateness
+    assert aggregator.add_span(span(3, BASE_US + 2), "spans", 2)  # late but allowed
+    assert aggregator.add_span(span(4, BASE_US + 12_000_001), "spans", 3)
+    [closed] = aggregator.close_due()
+    assert [r.requests for r in aggregator.metrics(closed)] == [2]
+    assert not aggregator.add_span(span(5, BASE_US + 3), "spans", 4)  # its window is written
+    # The open window still needs offset 1 of "spans": nothing from 1 on may be committed.
+    assert aggregator.first_open_position("spans") == 1
+
+
+def test_idle_inputs_close_their_windows_when_time_moves_on() -> None:
+    aggregator = WindowAggregator(window_seconds=10, allowed_lateness_seconds=5)
+    aggregator.add_span(span(1, BASE_US + 1), "spans", 0)
+    assert aggregator.close_due() == []
+    aggregator.advance(BASE_US + 15_000_000)
+    assert len(aggregator.close_due()) == 1
+    assert aggregator.first_open_position("spans") is None
