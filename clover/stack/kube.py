@@ -231,9 +231,10 @@ class KubeControllerManager(_Kubernetes):
         return "/healthz ok, controllers running"
 
 
-def pipeline_manifests(namespace: str) -> list[dict[str, Any]]:
-    """k8s/manifests/pipeline-rbac.yaml with its namespace set to the configured one."""
-    text = resources.files("k8s").joinpath("manifests/pipeline-rbac.yaml").read_text()
+def pipeline_manifests(namespace: str,
+                       manifest: str = "pipeline-rbac.yaml") -> list[dict[str, Any]]:
+    """k8s/manifests/<manifest> with its namespace set to the configured one."""
+    text = resources.files("k8s").joinpath(f"manifests/{manifest}").read_text()
     docs = [d for d in yaml.safe_load_all(text) if d]
     for doc in docs:
         if doc["kind"] == "Namespace":
@@ -246,18 +247,20 @@ def pipeline_manifests(namespace: str) -> list[dict[str, Any]]:
 
 
 def bootstrap_pipeline_identity(admin_kubeconfig: Path, pipeline_kubeconfig: Path, ca: Path,
-                                namespace: str, service_account: str) -> None:
+                                namespace: str, service_account: str,
+                                manifest: str = "pipeline-rbac.yaml") -> None:
     """Apply the pipeline's Namespace, ServiceAccount, Role and RoleBinding; write its kubeconfig.
 
     The kubeconfig carries a fresh TokenRequest token for the ServiceAccount, so whatever uses
-    it has exactly the Role's permissions, as in a real cluster.
+    it has exactly the Role's permissions, as in a real cluster. ``manifest`` names another
+    identity's file in k8s/manifests/ (e.g. rollback-rbac.yaml for the rollback agent).
     """
     from kubernetes import client, config, dynamic
 
     api = config.new_client_from_config(config_file=str(admin_kubeconfig))
     try:
         dyn = dynamic.DynamicClient(api)
-        for doc in pipeline_manifests(namespace):
+        for doc in pipeline_manifests(namespace, manifest):
             resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
             resource.server_side_apply(body=doc, name=doc["metadata"]["name"],
                                        namespace=doc["metadata"].get("namespace"),
