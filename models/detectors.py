@@ -1,0 +1,274 @@
+"""Anomaly detectors over service-metric features, with scikit-learn's outlier-detector API.
+
+Every detector here has ``fit``, ``score_samples`` (higher is more normal, as in scikit-learn),
+``decision_function`` (negative means anomalous), ``predict`` (-1 anomalous, 1 normal) and
+``anomaly_score``: a **calibrated score in [0, 1]**, one minus a p-value, so that a threshold of
+0.999 means "one normal window in a thousand scores this high". Rows a detector cannot judge
+(a service it has never seen, no history) score NaN, never 0 or 1.
+
+* :class:`RobustBaselineDetector`: per service, the median and MAD of each base feature, by
+  hour of day when the training history covers at least two days with enough windows per hour
+  (seasonality), else over all of it. Its p-value is the normal tail of the largest robust
+  z-score, one-sided where only a rise hurts (latency, errors), Bonferroni-corrected for the
+  number of features.
+* :class:`MultivariateDetector`: an IsolationForest on the departure features (which are
+  already relative to each service's own baseline, so one forest serves all services); its
+  p-value is the rank of the score among the training windows' scores.
+* :class:`AnomalyModel`: both together; the combined p-value is twice the smaller one
+  (Bonferroni), which keeps the score calibrated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import norm
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.ensemble import IsolationForest
+from sklearn.utils.validation import check_is_fitted
+
+from clover.records import Contribution
+from models.features import (
+    BASE_FEATURES,
+    DEPARTURE_FEATURES,
+    DIRECTION,
+    KEY,
+    MAD_TO_SIGMA,
+    SCALE_FLOOR,
+    to_raw,
+)
+
+HOUR_US = 3_600_000_000
+DAY_US = 24 * HOUR_US
+
+
+def direction_of(feature: str) -> int:
+    """1 when only a rise is bad, 0 when both ways are (departure names map to their base)."""
+    return DIRECTION[feature.split("__")[0]]
+
+
+def tail_p_value(z: np.ndarray, features: Sequence[str]) -> np.ndarray:
+    """Per row, the Bonferroni-corrected normal tail p-value of its most extreme z-score.
+
+    ``z`` is (rows, features); NaN entries are ignored, and a row with none left is NaN.
+    """
+    z = np.atleast_2d(np.asarray(z, dtype=float))
+    one_sided = np.array([direction_of(f) == 1 for f in features])
+    tails = np.where(one_sided, norm.sf(z), 2.0 * norm.sf(np.abs(z)))
+    tails = np.where(np.isfinite(z), tails, np.nan)
+    counted = np.isfinite(z).sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        smallest = np.nanmin(np.where(counted[:, None] > 0, tails, 1.0), axis=1)
+    p = np.minimum(1.0, smallest * np.maximum(counted, 1))
+    return np.where(counted > 0, p, np.nan)
+
+
+def contributions(z: np.ndarray, features: Sequence[str], values: Sequence[float],
+                  baselines: Sequence[float], top: int = 3) -> list[Contribution]:
+    """The ``top`` features that pushed one row's score most, with their values and baselines.
+
+    ``weight`` is the robust z-score (how many standard deviations from the baseline, signed);
+    a fall of a feature where only a rise hurts does not count.
+    """
+    weight = np.where([direction_of(f) == 1 for f in features], np.clip(z, 0, None), np.abs(z))
+    order = [i for i in np.argsort(-np.nan_to_num(weight, nan=-1.0)) if np.isfinite(z[i])]
+    found = []
+    for i in order[:top]:
+        if weight[i] <= 0:
+            break
+        found.append(Contribution(feature=features[i], weight=round(float(z[i]), 3),
+                                  value=_finite_or_none(values[i]),
+                                  baseline=_finite_or_none(baselines[i])))
+    return found
+
+
+def _finite_or_none(value: Any) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+class _Scored(OutlierMixin, BaseEstimator):
+    """The scikit-learn side shared by the detectors: all follow from ``anomaly_score``."""
+
+    threshold: float
+
+    def anomaly_score(self, X: pd.DataFrame) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def score_samples(self, X: pd.DataFrame) -> np.ndarray:
+        """Higher is more normal (scikit-learn's convention): minus the anomaly score."""
+        return -self.anomaly_score(X)
+
+    def decision_function(self, X: pd.DataFrame) -> np.ndarray:
+        """Negative for anomalous windows; NaN where the detector cannot judge."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        """-1 for anomalous, 1 for normal (a window that cannot be judged counts as normal;
+        use :meth:`anomaly_score` to tell those apart: it is NaN for them)."""
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    @property
+    def offset_(self) -> float:
+        return -float(self.threshold)
+
+
+class RobustBaselineDetector(_Scored):
+    """Per-service median/MAD baseline of the base features, by hour of day when history allows.
+
+    ``X`` holds the key columns (namespace, service, window_start_us) and the base features
+    (as made by :func:`models.features.build_features`).
+    """
+
+    def __init__(self, features: Sequence[str] = BASE_FEATURES, threshold: float = 0.999,
+                 min_windows: int = 30, seasonal_min_days: float = 2.0,
+                 seasonal_min_windows: int = 20) -> None:
+        self.features = features
+        self.threshold = threshold
+        self.min_windows = min_windows
+        self.seasonal_min_days = seasonal_min_days
+        self.seasonal_min_windows = seasonal_min_windows
+
+    def fit(self, X: pd.DataFrame, y: Any = None) -> RobustBaselineDetector:
+        features = list(self.features)
+        self.feature_names_in_ = np.array(features, dtype=object)
+        self.n_features_in_ = len(features)
+        self.profiles_: dict[str, dict[str, np.ndarray | None]] = {}
+        for (namespace, service), group in X.groupby(KEY, sort=True):
+            if len(group) < self.min_windows:
+                continue  # too little history: the service stays unknown (NaN scores)
+            values = group[features].to_numpy(dtype=float)
+            median, scale = _robust(values, features)
+            profile: dict[str, np.ndarray | None] = {
+                "median": median, "scale": scale, "hourly_median": None, "hourly_scale": None}
+            times = group["window_start_us"].to_numpy()
+            hours = (times // HOUR_US) % 24
+            counts = np.bincount(hours, minlength=24)
+            if (times.max() - times.min() >= self.seasonal_min_days * DAY_US
+                    and counts.min() >= self.seasonal_min_windows):
+                hourly = [_robust(values[hours == h], features) for h in range(24)]
+                profile["hourly_median"] = np.vstack([m for m, _ in hourly])
+                profile["hourly_scale"] = np.vstack([s for _, s in hourly])
+            self.profiles_[f"{namespace}/{service}"] = profile
+        return self
+
+    def baselines(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(median, scale) per row and feature; NaN for services without a profile."""
+        check_is_fitted(self, "profiles_")
+        rows = len(X)
+        medians = np.full((rows, self.n_features_in_), np.nan)
+        scales = np.full((rows, self.n_features_in_), np.nan)
+        keys = (X["namespace"].astype(str) + "/" + X["service"].astype(str)).to_numpy()
+        hours = ((X["window_start_us"].to_numpy() // HOUR_US) % 24).astype(int)
+        for i, key in enumerate(keys):
+            profile = self.profiles_.get(key)
+            if profile is None:
+                continue
+            if profile["hourly_median"] is not None:
+                medians[i] = profile["hourly_median"][hours[i]]
+                scales[i] = profile["hourly_scale"][hours[i]]
+            else:
+                medians[i], scales[i] = profile["median"], profile["scale"]
+        return medians, scales
+
+    def z_scores(self, X: pd.DataFrame) -> np.ndarray:
+        medians, scales = self.baselines(X)
+        return (X[list(self.features)].to_numpy(dtype=float) - medians) / scales
+
+    def anomaly_score(self, X: pd.DataFrame) -> np.ndarray:
+        return 1.0 - tail_p_value(self.z_scores(X), list(self.features))
+
+
+def _robust(values: np.ndarray, features: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
+            median = np.nanmedian(values, axis=0)
+            mad = np.nanmedian(np.abs(values - median), axis=0)
+    floor = np.array([SCALE_FLOOR[f] for f in features])
+    return median, np.fmax(MAD_TO_SIGMA * mad, floor)
+
+
+class MultivariateDetector(_Scored):
+    """An IsolationForest on the departure features, calibrated on its training windows."""
+
+    def __init__(self, features: Sequence[str] = DEPARTURE_FEATURES, threshold: float = 0.999,
+                 n_estimators: int = 200, max_samples: int | str = "auto",
+                 random_state: int | None = 0) -> None:
+        self.features = features
+        self.threshold = threshold
+        self.n_estimators = n_estimators
+        self.max_samples = max_samples
+        self.random_state = random_state
+
+    def _matrix(self, X: pd.DataFrame) -> np.ndarray:
+        # A departure that cannot be computed (no history yet) is "no departure" to the forest;
+        # the baseline detector reports such rows as NaN instead.
+        return np.nan_to_num(X[list(self.features)].to_numpy(dtype=float), nan=0.0)
+
+    def fit(self, X: pd.DataFrame, y: Any = None) -> MultivariateDetector:
+        matrix = self._matrix(X)
+        self.feature_names_in_ = np.array(list(self.features), dtype=object)
+        self.n_features_in_ = matrix.shape[1]
+        self.forest_ = IsolationForest(n_estimators=self.n_estimators,
+                                       max_samples=self.max_samples,
+                                       random_state=self.random_state).fit(matrix)
+        # The forest's own anomaly measure (higher is more anomalous) of each training window.
+        self.training_scores_ = np.sort(-self.forest_.score_samples(matrix))
+        return self
+
+    def anomaly_score(self, X: pd.DataFrame) -> np.ndarray:
+        check_is_fitted(self, "forest_")
+        raw = -self.forest_.score_samples(self._matrix(X))
+        n = len(self.training_scores_)
+        # Empirical p-value: the share of training windows at least as anomalous.
+        at_least = n - np.searchsorted(self.training_scores_, raw, side="left")
+        return 1.0 - (at_least + 1) / (n + 1)
+
+
+class AnomalyModel(_Scored):
+    """The baseline and multivariate detectors combined into one calibrated score."""
+
+    def __init__(self, threshold: float = 0.999, min_windows: int = 30,
+                 n_estimators: int = 200, random_state: int | None = 0) -> None:
+        self.threshold = threshold
+        self.min_windows = min_windows
+        self.n_estimators = n_estimators
+        self.random_state = random_state
+
+    def fit(self, X: pd.DataFrame, y: Any = None) -> AnomalyModel:
+        self.baseline_ = RobustBaselineDetector(
+            threshold=self.threshold, min_windows=self.min_windows).fit(X)
+        self.multivariate_ = MultivariateDetector(
+            threshold=self.threshold, n_estimators=self.n_estimators,
+            random_state=self.random_state).fit(X)
+        self.feature_names_in_ = np.array(list(BASE_FEATURES) + list(DEPARTURE_FEATURES),
+                                          dtype=object)
+        self.n_features_in_ = len(self.feature_names_in_)
+        self.services_ = sorted(self.baseline_.profiles_)
+        return self
+
+    def anomaly_score(self, X: pd.DataFrame) -> np.ndarray:
+        check_is_fitted(self, "baseline_")
+        p_baseline = 1.0 - self.baseline_.anomaly_score(X)
+        p_forest = 1.0 - self.multivariate_.anomaly_score(X)
+        combined = np.minimum(1.0, 2.0 * np.fmin(p_baseline, p_forest))
+        # A service the baseline has never seen cannot be judged: its departures from a
+        # baseline it does not have would mean nothing to the forest either.
+        return np.where(np.isfinite(p_baseline), 1.0 - combined, np.nan)
+
+    def explain(self, X: pd.DataFrame, top: int = 3) -> list[list[Contribution]]:
+        """Per row, the base features furthest from the service's baseline (raw units)."""
+        z = self.baseline_.z_scores(X)
+        medians, _ = self.baseline_.baselines(X)
+        values = X[list(BASE_FEATURES)].to_numpy(dtype=float)
+        out = []
+        for i in range(len(X)):
+            raw_values = [to_raw(f, v) for f, v in zip(BASE_FEATURES, values[i], strict=True)]
+            raw_base = [to_raw(f, v) for f, v in zip(BASE_FEATURES, medians[i], strict=True)]
+            out.append(contributions(z[i], BASE_FEATURES, raw_values, raw_base, top))
+        return out
