@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from kubernetes import client
@@ -68,3 +69,49 @@ def patch_pod_status(core: client.CoreV1Api, name: str, namespace: str,
 def pods_of(api: client.ApiClient, namespace: str, app: str) -> list[client.V1Pod]:
     return list(client.CoreV1Api(api).list_namespaced_pod(
         namespace, label_selector=f"app={app}").items)
+
+
+def rollback_identity(admin_kubeconfig: Path, ca: Path, namespace: str,
+                      kubeconfig: Path) -> client.ApiClient:
+    """The rollback agent's ServiceAccount, Role and RoleBinding (k8s/manifests/rollback-rbac.yaml)
+    applied in ``namespace`` (created too), and a kubeconfig with a fresh TokenRequest token for
+    it written to ``kubeconfig``; returns a client with that identity."""
+    from kubernetes import config
+
+    from clover.stack.kube import bootstrap_pipeline_identity
+
+    bootstrap_pipeline_identity(admin_kubeconfig, kubeconfig, ca, namespace, "clover-rollback",
+                                manifest="rollback-rbac.yaml")
+    return config.new_client_from_config(config_file=str(kubeconfig))
+
+
+def set_image(apps: client.AppsV1Api, name: str, namespace: str, image: str) -> None:
+    """Roll the Deployment out to a new image: a new pod template, so a new revision."""
+    apps.patch_namespaced_deployment(name, namespace, {"spec": {"template": {"spec": {
+        "containers": [{"name": "app", "image": image}]}}}})
+
+
+def revisions(apps: client.AppsV1Api, namespace: str, name: str) -> dict[int, tuple[str, str]]:
+    """revision -> (pod-template-hash, image) of the Deployment's ReplicaSets."""
+    found = {}
+    for rs in apps.list_namespaced_replica_set(namespace, label_selector=f"app={name}").items:
+        number = (rs.metadata.annotations or {}).get("deployment.kubernetes.io/revision")
+        if number:
+            found[int(number)] = (rs.metadata.labels["pod-template-hash"],
+                                  rs.spec.template.spec.containers[0].image)
+    return found
+
+
+def wait_revisions(apps: client.AppsV1Api, namespace: str, name: str,
+                   count: int) -> dict[int, tuple[str, str]]:
+    """The revisions, once there are ``count`` of them and the Deployment names the newest."""
+    def ready() -> dict[int, tuple[str, str]]:
+        found = revisions(apps, namespace, name)
+        deployment = apps.read_namespaced_deployment(name, namespace)
+        current = (deployment.metadata.annotations or {}).get(
+            "deployment.kubernetes.io/revision")
+        return found if len(found) == count and current == str(max(found)) else {}
+
+    found = eventually(ready)
+    assert found, f"{namespace}/{name} did not reach {count} revisions"
+    return found
