@@ -112,19 +112,30 @@ def _parser() -> argparse.ArgumentParser:
                               "services, when the files do not say")
     replay_spans.set_defaults(run=_replay_spans)
 
-    rollback = commands.add_parser("rollback", help="anomaly-driven rollback of Deployments")
-    rollback_commands = rollback.add_subparsers(title="rollback commands", metavar="ACTION",
-                                                required=True)
-    agent = rollback_commands.add_parser(
-        "agent", help="consume clover.anomalies and roll bad rollouts back (policy in "
-        "[rollback]); every decision goes to clover.rollbacks, Cassandra and a Kubernetes Event")
-    agent.add_argument("--dry-run", action="store_true",
-                       help="decide and record, but never patch a Deployment")
-    agent.add_argument("--anomalies-topic", default="clover.anomalies", metavar="TOPIC",
-                       help="read verdicts from TOPIC instead (e.g. a replay, with --dry-run)")
-    agent.add_argument("--decisions-topic", default="clover.rollbacks", metavar="TOPIC",
-                       help="write decisions to TOPIC instead")
-    agent.set_defaults(run=_rollback_agent)
+    models = commands.add_parser("models", help="anomaly detection: train, score, evaluate")
+    model_commands = models.add_subparsers(title="what", metavar="ACTION", required=True)
+    train = model_commands.add_parser(
+        "train", help="train the anomaly model on service-metric history in Cassandra")
+    train.add_argument("--since", required=True, metavar="TIME",
+                       help="start of the training range (ISO 8601, UTC unless it says)")
+    train.add_argument("--until", metavar="TIME", help="end of the range (default: now)")
+    train.add_argument("--service", action="append", required=True, metavar="NS/SERVICE",
+                       help="a service to learn, as namespace/service (repeatable)")
+    train.add_argument("--output", type=Path, metavar="FILE",
+                       help="model file (default: [models] model_path)")
+    train.set_defaults(run=_models_train)
+    score = model_commands.add_parser(
+        "score", help="score a NAB-format series (timestamp,value) without look-ahead")
+    score.add_argument("--input", required=True, type=Path, metavar="CSV")
+    score.add_argument("--output", required=True, type=Path, metavar="CSV",
+                       help="the input's columns plus anomaly_score")
+    score.set_defaults(run=_models_score)
+    evaluate = model_commands.add_parser(
+        "evaluate", help="NAB sample and Nezha OnlineBoutique results of the detectors")
+    evaluate.add_argument("--data", type=Path, metavar="DIR",
+                          help="the shared data directory (default: [models] data_dir, "
+                               "else ../shared/data)")
+    evaluate.set_defaults(run=_models_evaluate)
 
     smoke = commands.add_parser(
         "smoke", help="send records through Kafka into Cassandra and print what arrived")
@@ -277,11 +288,98 @@ def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _rollback_agent(settings: Settings, args: argparse.Namespace) -> int:
-    from streams.rollback import run_agent
+def _models_train(settings: Settings, args: argparse.Namespace) -> int:
+    import time
 
-    return run_agent(settings, dry_run=args.dry_run, anomalies_topic=args.anomalies_topic,
-                     decisions_topic=args.decisions_topic)
+    import pandas as pd
+
+    from analytics.store import connect
+    from analytics.views import load_service_metrics
+    from models import persistence
+    from models.train import TrainingError, train_model
+
+    try:
+        since = pd.Timestamp(args.since)
+        until = pd.Timestamp(args.until) if args.until else pd.Timestamp.now(tz="UTC")
+    except ValueError as exc:
+        print(f"clover: --since/--until: {exc}; write a time like 2024-05-01T12:00Z",
+              file=sys.stderr)
+        return 2
+    since, until = (t if t.tzinfo else t.tz_localize("UTC") for t in (since, until))
+    if since >= until:
+        print(f"clover: --since {since} is not before --until {until}", file=sys.stderr)
+        return 2
+    with connect(settings) as store:
+        try:
+            frame = load_service_metrics(store, args.service, since, until)
+        except ValueError as exc:
+            print(f"clover: --service: {exc}", file=sys.stderr)
+            return 2
+    frame["window_start_us"] = frame["window_start"].astype("int64") // 1000 \
+        if len(frame) else pd.Series(dtype="int64")
+    models = settings.models
+    try:
+        model, features = train_model(frame, threshold=models.threshold,
+                                      baseline_windows=models.baseline_windows,
+                                      min_windows=models.min_windows)
+    except TrainingError as exc:
+        print(f"clover: {exc}", file=sys.stderr)
+        return 1
+    path = args.output or settings.model_path
+    persistence.save(model, path, training_start_us=int(since.value // 1000),
+                     training_end_us=int(until.value // 1000),
+                     training_windows=len(features), created_us=time.time_ns() // 1000)
+    print(f"trained on {len(features)} windows of {len(model.services_)} services "
+          f"({', '.join(model.services_)}), {since} to {until}; saved to {path} "
+          f"(metadata {persistence.metadata_path(path)})")
+    return 0
+
+
+def _models_score(settings: Settings, args: argparse.Namespace) -> int:
+    from models.nab import (
+        SeriesFormatError,
+        StreamingScorer,
+        read_series,
+        rows_per_day,
+        score_csv,
+    )
+
+    if not args.input.is_file():
+        print(f"clover: --input {args.input}: no such file", file=sys.stderr)
+        return 2
+    try:
+        period = rows_per_day(read_series(args.input)["timestamp_parsed"])
+        rows = score_csv(args.input, args.output, StreamingScorer(
+            threshold=settings.models.series_threshold, period=period))
+    except SeriesFormatError as exc:
+        print(f"clover: {exc}", file=sys.stderr)
+        return 2
+    print(f"scored {rows} rows of {args.input} into {args.output}")
+    return 0
+
+
+def _models_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    from models import evaluate
+    from models.online import OnlineScorer
+
+    data = args.data or (Path(settings.models.data_dir) if settings.models.data_dir
+                         else Path.cwd().parent / "shared" / "data")
+    nab, nezha = data / "nab-sample", data / "nezha-onlineboutique-2022-08-22"
+    if not nab.is_dir() and not nezha.is_dir():
+        print(f"clover: neither {nab} nor {nezha} exists; pass --data DIR (the directory "
+              "holding nab-sample/ and nezha-onlineboutique-2022-08-22/)", file=sys.stderr)
+        return 2
+    models = settings.models
+    if nab.is_dir():
+        files, score = evaluate.evaluate_nab(nab, models.series_threshold)
+        print(evaluate.nab_report(files, score, models.series_threshold))
+    if nezha.is_dir():
+        scorer = OnlineScorer(threshold=models.threshold, min_windows=models.min_windows,
+                              baseline_windows=models.baseline_windows,
+                              min_requests=models.min_requests,
+                              relearn_after=models.relearn_after)
+        print(evaluate.nezha_report(evaluate.evaluate_nezha(nezha, scorer)))
+    return 0
 
 
 def _smoke(settings: Settings, args: argparse.Namespace) -> int:

@@ -165,6 +165,39 @@ class RollbackSettings:
 
 
 @dataclass(frozen=True)
+class ModelSettings:
+    """Anomaly detection: `clover models train|score|evaluate` and the scoring agent."""
+
+    # The trained model (joblib; its metadata is <model_path>.json). Empty means
+    # <stack.home>/models/anomaly.joblib. Without a model file the scorer learns online.
+    model_path: str = ""
+    # Score (a calibrated 1 - p-value in [0, 1]) at or above which a window is anomalous.
+    threshold: float = 0.999
+    # Windows of a service's own history before it is judged; until then: inconclusive.
+    min_windows: int = 6
+    # Windows of recent history the baseline keeps (60 x 10 s = 10 minutes).
+    baseline_windows: int = 60
+    # A window with fewer requests has its latency and errors left unjudged.
+    min_requests: int = 10
+    # Anomalous windows in a row after which a lasting change is learned as the new normal.
+    relearn_after: int = 30
+    # Threshold of the NAB-format series scorer (`clover models score`).
+    series_threshold: float = 0.9999
+    # Where `clover models evaluate` finds nab-sample/ and the Nezha day; empty: ../shared/data.
+    data_dir: str = ""
+    # Kafka consumer group (and Faust app id) of the scoring agent.
+    group_id: str = "clover-score"
+    # The scoring agent's own Prometheus endpoint (0: none).
+    metrics_port: int = 9468
+
+    def __post_init__(self) -> None:
+        for key in ("threshold", "series_threshold"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"models.{key}: got {getattr(self, key)!r}; expected a score "
+                                  "between 0 and 1 (exclusive), e.g. 0.999")
+
+
+@dataclass(frozen=True)
 class Settings:
     stack: StackSettings = field(default_factory=StackSettings)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
@@ -172,6 +205,7 @@ class Settings:
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     collectors: CollectorSettings = field(default_factory=CollectorSettings)
     receivers: ReceiverSettings = field(default_factory=ReceiverSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
     rollback: RollbackSettings = field(default_factory=RollbackSettings)
     streams: StreamSettings = field(default_factory=StreamSettings)
 
@@ -190,6 +224,10 @@ class Settings:
     @property
     def kubeconfig(self) -> str:
         return self.kubernetes.kubeconfig or str(self.stack.home / "kube" / "pipeline.kubeconfig")
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.models.model_path or self.stack.home / "models" / "anomaly.joblib")
 
     @property
     def rollback_kubeconfig(self) -> str:
