@@ -112,6 +112,20 @@ def _parser() -> argparse.ArgumentParser:
                               "services, when the files do not say")
     replay_spans.set_defaults(run=_replay_spans)
 
+    rollback = commands.add_parser("rollback", help="anomaly-driven rollback of Deployments")
+    rollback_commands = rollback.add_subparsers(title="rollback commands", metavar="ACTION",
+                                                required=True)
+    agent = rollback_commands.add_parser(
+        "agent", help="consume clover.anomalies and roll bad rollouts back (policy in "
+        "[rollback]); every decision goes to clover.rollbacks, Cassandra and a Kubernetes Event")
+    agent.add_argument("--dry-run", action="store_true",
+                       help="decide and record, but never patch a Deployment")
+    agent.add_argument("--anomalies-topic", default="clover.anomalies", metavar="TOPIC",
+                       help="read verdicts from TOPIC instead (e.g. a replay, with --dry-run)")
+    agent.add_argument("--decisions-topic", default="clover.rollbacks", metavar="TOPIC",
+                       help="write decisions to TOPIC instead")
+    agent.set_defaults(run=_rollback_agent)
+
     models = commands.add_parser("models", help="anomaly detection: train, score, evaluate")
     model_commands = models.add_subparsers(title="what", metavar="ACTION", required=True)
     train = model_commands.add_parser(
@@ -286,6 +300,13 @@ def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
     for name, outcome in result.items():
         print(f"{name:<28} {outcome}")
     return 0
+
+
+def _rollback_agent(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.rollback import run_agent
+
+    return run_agent(settings, dry_run=args.dry_run, anomalies_topic=args.anomalies_topic,
+                     decisions_topic=args.decisions_topic)
 
 
 def _models_train(settings: Settings, args: argparse.Namespace) -> int:
