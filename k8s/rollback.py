@@ -10,7 +10,7 @@ Usage::
 
     api = kubernetes.config.new_client_from_config(config_file=settings.rollback_kubeconfig)
     actuator = Actuator(api, retry_for_s=20)
-    rollout = actuator.find("shop", "cart", "5d9c7b8f4")    # None: no such Deployment
+    rollout = actuator.find("shop", "cart")                  # None: no such Deployment
     patched_us = actuator.roll_back(rollout)                 # DeploymentGone, ApiUnreachable, ...
     actuator.post_event(rollout.namespace, rollout.deployment, rollout.uid, "CloverRollback",
                         "Warning", "rolled back from revision 2 to 1: ...")
@@ -170,8 +170,7 @@ class Actuator:
 
     # ---------------------------------------------------------------- reads
 
-    def find(self, namespace: str, service: str, template_hash: str | None = None,
-             settle_s: float = SETTLE_S) -> Rollout | None:
+    def find(self, namespace: str, service: str, settle_s: float = SETTLE_S) -> Rollout | None:
         """The Deployment named ``service`` with its revisions; None when there is none.
 
         Waits up to ``settle_s`` for the Deployment controller to catch up with the latest spec,
@@ -186,7 +185,8 @@ class Actuator:
                 if exc.status == 404:
                     return None
                 raise
-            meta, status = deployment.metadata, deployment.status
+            meta = deployment.metadata or client.V1ObjectMeta()
+            status = deployment.status
             settled = (status is not None and status.observed_generation is not None
                        and status.observed_generation >= (meta.generation or 0))
             if settled or time.monotonic() >= deadline:
@@ -197,26 +197,26 @@ class Actuator:
         # Ownership, not labels alone, says which ReplicaSets are this Deployment's revisions.
         owned = [rs for rs in sets.items
                  if any(ref.controller and ref.uid == meta.uid
-                        for ref in rs.metadata.owner_references or [])]
+                        for ref in (rs.metadata or client.V1ObjectMeta()).owner_references or [])]
         revisions = sorted((r for r in map(self._revision, owned) if r is not None),
                            key=lambda r: r.number, reverse=True)
         current_number = _int((meta.annotations or {}).get(REVISION_ANNOTATION))
         current = next((r for r in revisions if r.number == current_number), None)
         changed_us, promoted_us = self._rollout_times(deployment, current)
         return Rollout(
-            namespace=namespace, deployment=meta.name, uid=meta.uid,
+            namespace=namespace, deployment=meta.name or service, uid=meta.uid or "",
             generation=meta.generation or 0, settled=settled, current=current,
             revisions=tuple(revisions), changed_us=changed_us, promoted_us=promoted_us,
             last_rollback_us=_int((meta.annotations or {}).get(ROLLED_BACK_AT_ANNOTATION)),
         )
 
     def _revision(self, rs: client.V1ReplicaSet) -> Revision | None:
-        meta = rs.metadata
+        meta = rs.metadata or client.V1ObjectMeta()
         number = _int((meta.annotations or {}).get(REVISION_ANNOTATION))
         if number is None or rs.spec.template is None:
             return None
         template = self._api.sanitize_for_serialization(rs.spec.template)
-        return Revision(number=number, replica_set=meta.name,
+        return Revision(number=number, replica_set=meta.name or "",
                         template_hash=(meta.labels or {}).get(TEMPLATE_HASH_LABEL),
                         created_us=_us(meta.creation_timestamp) or 0, template=template)
 
@@ -272,17 +272,30 @@ class Actuator:
             self._retry(self._apps.patch_namespaced_deployment, rollout.deployment,
                         rollout.namespace, patch)
         except ApiException as exc:
+            if exc.status == 422:  # a failed test says only "Invalid": look at what changed
+                self._why_rejected(rollout)
             if exc.status == 404:
                 raise DeploymentGone(f"Deployment {rollout.namespace}/{rollout.deployment} was "
                                      "deleted before the rollback patch") from None
-            if exc.status == 422 and "/metadata/uid" in (exc.body or ""):
-                raise DeploymentGone(f"Deployment {rollout.namespace}/{rollout.deployment} was "
-                                     "deleted and recreated before the rollback patch") from None
-            if exc.status in (409, 422) and "test" in (exc.body or "").lower():
-                raise DeploymentChanged(f"Deployment {rollout.namespace}/{rollout.deployment} "
-                                        "changed before the rollback patch") from None
             raise
         return round(self._clock() * 1e6)
+
+    def _why_rejected(self, rollout: Rollout) -> None:
+        """Raise DeploymentGone or DeploymentChanged when that is why the patch's tests failed."""
+        where = f"Deployment {rollout.namespace}/{rollout.deployment}"
+        try:
+            now = self._retry(self._apps.read_namespaced_deployment, rollout.deployment,
+                              rollout.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise DeploymentGone(f"{where} was deleted before the rollback patch") from None
+            raise
+        meta = now.metadata or client.V1ObjectMeta()
+        if meta.uid != rollout.uid:
+            raise DeploymentGone(f"{where} was deleted and recreated before the rollback patch")
+        if meta.generation != rollout.generation:
+            raise DeploymentChanged(f"{where} changed (generation {rollout.generation} -> "
+                                    f"{meta.generation}) before the rollback patch")
 
     def post_event(self, namespace: str, deployment: str, uid: str | None, reason: str,
                    kind: str, message: str) -> None:

@@ -131,7 +131,7 @@ class RollbackController:
         if decision is not None or anomaly.verdict == "normal":
             return decision, None
         try:
-            rollout = self.actuator.find(anomaly.namespace, anomaly.service, anomaly.revision)
+            rollout = self.actuator.find(anomaly.namespace, anomaly.service)
         except (ApiUnreachable, ApiException) as exc:
             reason, message = self._api_failure(exc)
             return self._failed(anomaly, streak, now, reason,

@@ -72,12 +72,14 @@ def _decision(anomaly: Anomaly, streak: int, dry_run: bool, now_us: int, action:
     current = rollout.current if rollout is not None else None
     previous = rollout.previous if rollout is not None else None
     anomalous = rollout.revision_of(anomaly.revision) if rollout is not None else None
+    # From: the revision the anomaly is about, else the current one.
+    source = anomalous or current
     return RollbackDecision(
         namespace=anomaly.namespace, service=anomaly.service,
         deployment=rollout.deployment if rollout is not None else None,
         decided_us=now_us, action=action,  # type: ignore[arg-type]
         reason=reason, message=message, consecutive_anomalous=streak, dry_run=dry_run,
-        from_revision=(anomalous or current).number if (anomalous or current) else None,
+        from_revision=source.number if source is not None else None,
         to_revision=previous.number if previous is not None else None,
         score=anomaly.score, threshold=anomaly.threshold,
         anomaly_window_start_us=anomaly.window_start_us,

@@ -250,10 +250,16 @@ def events_of(admin: client.ApiClient, ns: Namespace) -> list[client.CoreV1Event
 
 def test_healthy_rollout_is_not_rolled_back(admin: client.ApiClient, namespace: Namespace,
                                             agents: Callable[..., Agent], publish: Any,
-                                            decisions: Any) -> None:
+                                            decisions: Any, topics: Topics, settings: Settings,
+                                            topic_reader: Callable[[str], Any]) -> None:
     revs = rolled_out(namespace, admin)
     new = revs[2][0]
+    deadletters = topic_reader("clover.deadletter")
     agents(namespace, consecutive_windows=2)
+    # A record that is not an anomaly is kept as a dead letter, and the agent goes on.
+    producer = Producer(producer_config(settings))
+    producer.produce(topics.anomalies, b"{not json", b"x/y")
+    assert producer.flush(10) == 0
     # Healthy windows with the odd anomalous one: the streak never reaches two.
     publish(*(verdict(namespace.name, new, w, k) for w, k in enumerate(
         ["normal", "anomalous", "normal", "normal", "anomalous", "normal"])))
@@ -261,6 +267,9 @@ def test_healthy_rollout_is_not_rolled_back(admin: client.ApiClient, namespace: 
     assert [(d.action, d.reason, d.consecutive_anomalous) for d in found] == [
         ("skip", "too_few_windows", 1)] * 2
     no_more_than(decisions, 2)  # normal windows need no decision
+    letters = [records.decode(records.DeadLetter, m.value()) for m in deadletters.read(50, 5)]
+    ours = [d for d in letters if d.source_topic == topics.anomalies]
+    assert len(ours) == 1 and ours[0].component == "rollback" and "JSON" in ours[0].reason
     assert image_of(admin, namespace) == V2
     assert kube.revisions(client.AppsV1Api(admin), namespace.name, NAME) == revs
 
@@ -480,3 +489,29 @@ def test_unreachable_api_server_is_retried_then_recorded_as_failed(
     assert registry.get_sample_value("clover_rollback_record_errors_total",
                                      {"sink": "event"}) == 1
     assert image_of(admin, namespace) == V2
+
+
+def test_two_agents_deciding_at_once_roll_back_once(
+        admin: client.ApiClient, namespace: Namespace, settings: Settings, keyspace: Store,
+        topics: Topics) -> None:
+    revs = rolled_out(namespace, admin)
+    configured = with_rollback(settings, keyspace, namespace, consecutive_windows=1)
+    first, second = (build_controller(configured, decisions_topic=topics.decisions, store=False)
+                     for _ in range(2))
+    anomaly = verdict(namespace.name, revs[2][0], 0)
+    # Both read the Deployment before either patches it.
+    plans = [c.decide(anomaly, c.streaks.update(anomaly)) for c in (first, second)]
+    assert [p[0].action for p in plans if p[0] is not None] == ["rollback", "rollback"]
+    done = first.execute(*plans[0])
+    assert done.action == "rollback" and done.patched_us is not None
+    # The second patch's generation test fails: it does not apply to the changed Deployment.
+    late = second.execute(*plans[1])
+    assert (late.action, late.reason) == ("failed", "deployment_changed")
+    # Looking again (as handle() does), the second agent sees the first one's rollback
+    # annotation: cooldown, although it never acted itself.
+    again = second.handle(verdict(namespace.name, revs[2][0], 1))
+    assert again is not None and (again.action, again.reason) == ("skip", "cooldown")
+    assert image_of(admin, namespace) == V1
+    assert max(kube.wait_revisions(client.AppsV1Api(admin), namespace.name, NAME, 2)) == 3
+    for c in (first, second):
+        assert c.flush() == 0
