@@ -150,6 +150,16 @@ def _parser() -> argparse.ArgumentParser:
                           help="the shared data directory (default: [models] data_dir, "
                                "else ../shared/data)")
     evaluate.set_defaults(run=_models_evaluate)
+    agent = model_commands.add_parser(
+        "agent", help="score each window of clover.service-metrics into clover.anomalies and "
+        "Cassandra (model: [models] model_path, else learn online)")
+    agent.add_argument("--metrics-topic", default="clover.service-metrics", metavar="TOPIC",
+                       help="read service windows from TOPIC instead")
+    agent.add_argument("--anomalies-topic", default="clover.anomalies", metavar="TOPIC",
+                       help="write verdicts to TOPIC instead")
+    agent.add_argument("--loglevel", default="info",
+                       choices=("debug", "info", "warning", "error"))
+    agent.set_defaults(run=_models_agent)
 
     smoke = commands.add_parser(
         "smoke", help="send records through Kafka into Cassandra and print what arrived")
@@ -401,6 +411,18 @@ def _models_evaluate(settings: Settings, args: argparse.Namespace) -> int:
                               relearn_after=models.relearn_after)
         print(evaluate.nezha_report(evaluate.evaluate_nezha(nezha, scorer)))
     return 0
+
+
+def _models_agent(settings: Settings, args: argparse.Namespace) -> int:
+    from models.persistence import ModelFileError
+    from streams.score import run_agent
+
+    try:
+        return run_agent(settings, metrics_topic=args.metrics_topic,
+                         anomalies_topic=args.anomalies_topic, loglevel=args.loglevel)
+    except ModelFileError as exc:
+        print(f"clover: {exc}", file=sys.stderr)
+        return 2
 
 
 def _smoke(settings: Settings, args: argparse.Namespace) -> int:
