@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
@@ -33,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 
 from analytics.rollbacks import RollbackTable
 from clover import records
-from clover.config import Settings
+from clover.config import ConfigError, Settings
 from clover.kafka import producer_config
 from clover.records import Anomaly, DeadLetter, RollbackDecision
 from clover.topics import ANOMALIES, DEADLETTER, ROLLBACKS
@@ -234,6 +235,11 @@ def api_client(settings: Settings) -> client.ApiClient:
     if path == "in-cluster":
         config.load_incluster_config()
         return client.ApiClient()
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"rollback.kubeconfig: no kubeconfig at {path}; start the local stack with `clover "
+            "stack up`, or set [rollback] kubeconfig (CLOVER_ROLLBACK_KUBECONFIG) to a kubeconfig "
+            "for the clover-rollback ServiceAccount, or to in-cluster")
     return config.new_client_from_config(config_file=path)
 
 
@@ -244,6 +250,7 @@ def build_controller(settings: Settings, *, registry: CollectorRegistry | None =
     API server."""
     from analytics.store import connect
 
+    api = api_client(settings)  # first: a missing kubeconfig is a configuration error
     table = None
     if store:
         cassandra = connect(settings)
@@ -251,7 +258,7 @@ def build_controller(settings: Settings, *, registry: CollectorRegistry | None =
         table = RollbackTable(cassandra)
         table.create()
     return RollbackController(
-        settings, Actuator(api_client(settings), retry_for_s=settings.rollback.api_retry_s),
+        settings, Actuator(api, retry_for_s=settings.rollback.api_retry_s),
         Producer(producer_config(settings, **{"linger.ms": 0})), table,
         RollbackMetrics(registry or CollectorRegistry()), decisions_topic=decisions_topic)
 
