@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy.stats import norm
+from scipy.stats import t as student_t
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.ensemble import IsolationForest
 from sklearn.utils.validation import check_is_fitted
@@ -50,14 +51,19 @@ def direction_of(feature: str) -> int:
     return DIRECTION[feature.split("__")[0]]
 
 
-def tail_p_value(z: np.ndarray, features: Sequence[str]) -> np.ndarray:
-    """Per row, the Bonferroni-corrected normal tail p-value of its most extreme z-score.
+def tail_p_value(z: np.ndarray, features: Sequence[str],
+                 history: int | None = None) -> np.ndarray:
+    """Per row, the Bonferroni-corrected tail p-value of its most extreme z-score.
 
-    ``z`` is (rows, features); NaN entries are ignored, and a row with none left is NaN.
+    ``z`` is (rows, features); NaN entries are ignored, and a row with none left is NaN. With
+    ``history`` (how many windows the baseline was estimated from) the tail is Student's t
+    with ``history - 1`` degrees of freedom rather than the normal one: a baseline from a
+    handful of windows is uncertain, and its z-scores must be larger to mean as much.
     """
     z = np.atleast_2d(np.asarray(z, dtype=float))
     one_sided = np.array([direction_of(f) == 1 for f in features])
-    tails = np.where(one_sided, norm.sf(z), 2.0 * norm.sf(np.abs(z)))
+    sf = norm.sf if history is None else student_t(max(history - 1, 1)).sf
+    tails = np.where(one_sided, sf(z), 2.0 * sf(np.abs(z)))
     tails = np.where(np.isfinite(z), tails, np.nan)
     counted = np.isfinite(z).sum(axis=1)
     with np.errstate(invalid="ignore"):

@@ -136,7 +136,7 @@ class OnlineScorer:
             return verdict(score, None, self.model_name, trained_z)
         p = float(tail_p_value(np.concatenate([z, rev])[None, :],
                                [z_name(f) for f in BASE_FEATURES]
-                               + [rev_name(f) for f in BASE_FEATURES])[0])
+                               + [rev_name(f) for f in BASE_FEATURES], len(history))[0])
         reason = None if self.model is None else f"{key} is not in the trained model: scored " \
             "against its recent history"
         return verdict(1.0 - p, reason, ONLINE_DETECTOR, np.where(np.isfinite(z), z, np.nan))
