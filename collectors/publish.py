@@ -50,8 +50,12 @@ class Publisher:
     def __init__(self, settings: Settings, topic: Topic, metrics: PublisherMetrics | None = None,
                  **producer_overrides: Any) -> None:
         self.topic = topic
+        self._topic_name = topic.name
+        # One delivery callback for the producer rather than one per produce() call: cheaper,
+        # and it is the same function for every record anyway.
         self._producer = Producer(producer_config(
-            settings, **{"delivery.report.only.error": True, **producer_overrides}))
+            settings, **{"delivery.report.only.error": True, "on_delivery": self._on_delivery,
+                         **producer_overrides}))
         self._retry: deque[tuple[bytes | None, bytes]] = deque()
         self._metrics = metrics
         self._queued = 0  # produce() calls, retries included
@@ -68,11 +72,19 @@ class Publisher:
         """Queue one record. Collectors build records themselves, so validation is optional."""
         self._produce(record.key(), records.encode(record, validate=validate))
 
+    def publish_encoded(self, key: bytes | None, value: bytes) -> None:
+        """Queue a record a collector has encoded itself (its hot path: no validation, no
+        dataclass, one produce call)."""
+        try:
+            self._producer.produce(self._topic_name, value, key)
+            self._queued += 1
+        except BufferError:
+            self._produce(key, value)  # the local queue is full: wait for room
+
     def _produce(self, key: bytes | None, value: bytes) -> None:
         while True:
             try:
-                self._producer.produce(self.topic.name, value, key=key,
-                                       on_delivery=self._on_delivery)
+                self._producer.produce(self.topic.name, value, key=key)
                 self._queued += 1
                 return
             except BufferError:
