@@ -89,9 +89,9 @@ def collect_flows(settings: Settings, *, interfaces: list[str] | None = None,
         tcp.start()
         if packets is not None:
             packets.start()
+        freeze_startup_objects()
         log.info("collecting flows%s", f" and packets on {', '.join(interfaces or [])}"
                  if packets else "")
-        freeze_startup_objects()
         if ready is not None:
             ready.set()
         deadline = time.monotonic() + duration_s if duration_s else None

@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from clover.records import SCHEMA_VERSION, Endpoint, service_key
+from collectors import ringbuf
 from collectors.btf import Btf, as_cflags
 from collectors.environment import bpf_environment
 
@@ -85,6 +86,7 @@ class TcpFlowCollector:
         self._bpf: Any = None
         self._conn: Any = None  # _Unpacker of struct conn_t, once loaded
         self._event: Any = None  # _Unpacker of struct event_t
+        self._ring: ringbuf.RingReader | None = None  # where supported; else libbpf's consumer
         self._emit: Emit | None = None  # poll's, while it runs
         self._error: BaseException | None = None  # raised by _emit during a drain
         self._reported: dict[int, int] = {}  # live socket -> snapshot_ns last reported
@@ -115,7 +117,12 @@ class TcpFlowCollector:
         self._conn = _Unpacker(conn_type, CONN_FIELDS)
         self._event = _Unpacker(conn_type, CONN_FIELDS,
                                 [("end_ns", "Q", 8), ("oldstate", "I", 4)])
-        self._bpf[b"events"].open_ring_buffer(self._on_event)
+        events = self._bpf[b"events"]
+        if ringbuf.supported():
+            self._ring = ringbuf.RingReader(events.map_fd, events.max_entries,
+                                            self._event.format)
+        else:
+            events.open_ring_buffer(self._on_event)
 
     def __enter__(self) -> TcpFlowCollector:
         self.start()
@@ -126,6 +133,9 @@ class TcpFlowCollector:
 
     def close(self) -> None:
         """Detach the program (tracepoints go with it) and free its maps."""
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
@@ -136,6 +146,14 @@ class TcpFlowCollector:
         clock)."""
         self._ends.clear()
         self._comms.clear()
+        if self._ring is not None:
+            taken, message = 0, self._message
+            # Each record: the ring buffer header's length word, struct conn_t, end_ns, oldstate.
+            for event in self._ring.drain():
+                emit(*message(event, 1, event[22], "reset" if event[12] else "closed"))
+                taken += 1
+            self.events += taken
+            return taken
         events, self._emit, self._error = self.events, emit, None
         try:
             self._bpf.ring_buffer_consume()
@@ -162,7 +180,7 @@ class TcpFlowCollector:
                     or snapshot_ns <= self._reported.get(sk, 0)):
                 continue
             self._reported[sk] = snapshot_ns
-            emit(*self._message(conn, None, "open", now_ns))
+            emit(*self._message(conn, 0, None, "open", now_ns))
             updates += 1
         # Forget connections that have closed.
         self._reported = {sk: ns for sk, ns in self._reported.items() if sk in seen}
@@ -176,10 +194,11 @@ class TcpFlowCollector:
         return TcpLoss(sum(counts[ctypes.c_int(0)]), sum(counts[ctypes.c_int(1)]))
 
     def _on_event(self, _ctx: Any, data: int, _size: int) -> int:
+        """libbpf's callback, one event at a time (where RingReader is not supported)."""
         event = self._event.read(data)
         self.events += 1
         try:
-            self._emit(*self._message(event, event[21],  # type: ignore[misc]
+            self._emit(*self._message(event, 0, event[21],  # type: ignore[misc]
                                       "reset" if event[11] else "closed"))
         except BaseException as exc:
             # ctypes would print and swallow it: stop the drain and raise it from poll.
@@ -202,14 +221,15 @@ class TcpFlowCollector:
             self._ends[raw] = end
         return end
 
-    def _message(self, conn: tuple[Any, ...], end_ns: int | None, state: str,
+    def _message(self, fields: tuple[Any, ...], first: int, end_ns: int | None, state: str,
                  now_ns: int | None = None) -> tuple[bytes, bytes]:
         """The record of a closed connection (``end_ns``), or of an open one as of ``now_ns``
         with the counters of its latest snapshot: its key and flow.v1 JSON, fields in
-        FlowRecord's order. ``conn`` holds struct conn_t's fields in CONN_FIELDS order."""
+        FlowRecord's order. ``fields[first:]`` starts with struct conn_t's, in CONN_FIELDS
+        order."""
         (start_ns, snapshot_ns, bytes_acked, bytes_received, segs_in, segs_out, cgroup_id,
          srtt_us, pid, netns, active, _reset, established, fin_in, fin_out_acked, comm, saddr,
-         daddr, sport, dport, family) = conn[:21]
+         daddr, sport, dport, family) = fields[first:first + 21]
         here, there = self._end(family, saddr), self._end(family, daddr)
         # Payload bytes: the counters also count the SYN the opener sent (once acknowledged)
         # and each FIN exchanged, one sequence number each.
@@ -294,11 +314,16 @@ class _Unpacker:
             fmt += f"{align}x{code}" if align else code
             names.append(name)
             position += align + size
+        # C rounds a struct's size up to its strictest member's alignment (the ring buffer
+        # record of struct event_t has that tail padding too).
+        tail = -position % max([ctypes.alignment(ctype), *(size for _, _, size in extra or [])])
+        fmt += f"{tail}x" if tail else ""
         if tuple(names[:len(expected)]) != expected:
             raise RuntimeError(f"struct layout {names} does not start with {list(expected)}: "
                                "CONN_FIELDS must follow struct conn_t in bpf/tcp_flows.c")
         self._struct = struct.Struct(fmt)
         self._size = self._struct.size
+        self.format = fmt
 
     def read(self, address: int) -> tuple[Any, ...]:
         return self._struct.unpack(ctypes.string_at(address, self._size))

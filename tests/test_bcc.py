@@ -59,3 +59,51 @@ def test_tracepoint_program_sees_a_real_connection(bpf_environment: None) -> Non
     # connect() alone takes the client CLOSE -> SYN_SENT -> ESTABLISHED before it returns;
     # the closing transitions follow, some of them asynchronously.
     assert count >= 2
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["ring-reader", "libbpf-consumer"])
+def test_flow_collector_reads_its_ring_buffer_exactly_both_ways(
+        bpf_environment: None, live_stack: Stack, monkeypatch: pytest.MonkeyPatch,
+        batched: bool) -> None:
+    """The collector's own batch reader of the ring buffer (collectors/ringbuf.py) and libbpf's
+    per-event consumer, its fallback off x86, give the same exact, schema-valid records."""
+    import time
+
+    from clover import records
+    from clover.records import FlowRecord
+    from collectors import ringbuf
+    from collectors.tcp_flows import TcpFlowCollector
+
+    monkeypatch.setattr(ringbuf, "supported", lambda: batched)
+    published: list[tuple[bytes, bytes]] = []
+    with TcpFlowCollector(headers_dir=install.kernel_headers_dir(live_stack.paths.cache)) as tcp:
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            port = server.getsockname()[1]
+            client = socket.create_connection(("127.0.0.1", port))
+            conn, _ = server.accept()
+            client.sendall(b"q" * 1000)
+            got = 0
+            while got < 1000:
+                got += len(conn.recv(4096))
+            conn.sendall(b"r" * 10)
+            conn.close()
+            while client.recv(4096):
+                pass
+            client.close()
+        ours: list[FlowRecord] = []
+        deadline = time.monotonic() + 10
+        while len(ours) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            tcp.poll(lambda key, value: published.append((key, value)))
+            decoded = [records.decode(FlowRecord, value) for _, value in published]
+            ours = [r for r in decoded if r.dst.port == port]
+    assert sorted(r.observed_at or "" for r in ours) == ["dst", "src"], ours
+    for record in ours:
+        assert (record.src.addr, record.dst.addr, record.dst.port) == ("127.0.0.1", "127.0.0.1",
+                                                                       port)
+        assert (record.bytes_sent, record.bytes_received, record.state) == (1000, 10, "closed")
+    # No attribution here: every key is the server's address.
+    for key, value in published:
+        assert key == f"unknown/{records.decode(FlowRecord, value).dst.addr}".encode()
