@@ -28,6 +28,7 @@ import functools
 import ipaddress
 import json
 import math
+import operator
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -564,6 +565,77 @@ def _check(record_type: type, data: Any) -> None:
     found.update(_non_finite(data))
     if found:
         raise RecordError(record_type, sorted(found))
+
+
+_REMEMBERED_MAX = 10_000  # valid combinations a field_validator keeps
+
+
+@functools.cache
+def field_validator(record_type: type, fields: frozenset[str],
+                    remembered: frozenset[str] = frozenset()) -> Any:
+    """A check of only ``fields`` of a ``record_type`` dict against the published schema (each
+    one's type, pattern, range, enum, and whether it is required), for hot paths that set the
+    other fields themselves from typed code, so that those cannot be wrong. The returned
+    function raises :class:`RecordError` when a field is wrong, explained as :func:`validate`
+    explains it.
+
+    ``remembered`` (a subset of ``fields``, string fields only) are fields whose values repeat
+    from record to record (service, operation and peer names): each combination of their values
+    that passed is remembered (at most 10,000, then forgotten all at once) and not checked
+    again. Only strings and None, so an equal combination is the same one (1 == True == 1.0).
+
+    Only for record types without float fields (no NaN check) and without cross-field rules.
+    """
+    if record_type in _HAS_FLOATS:
+        raise TypeError(f"{record_type.__name__} has float fields: use validate()")
+    schema = load_schema(record_type)
+    unknown = (fields | remembered) - schema["properties"].keys()
+    if unknown:
+        raise ValueError(f"{record_type.__name__} has no fields {sorted(unknown)}")
+    if not remembered <= fields:
+        raise ValueError(f"remembered fields {sorted(remembered - fields)} are not checked")
+    if "allOf" in schema:
+        raise TypeError(f"{record_type.__name__} has cross-field rules: use validate()")
+    for name in remembered:
+        kind = schema["properties"][name].get("type")
+        if kind not in ("string", ["string", "null"]):
+            raise TypeError(f"{record_type.__name__}.{name} is not a string field: it cannot "
+                            "be remembered")
+
+    def compiled(names: frozenset[str]) -> Any:
+        partial = {key: value for key, value in schema.items()
+                   if key not in ("properties", "required", "additionalProperties")}
+        partial["properties"] = {name: rule for name, rule in schema["properties"].items()
+                                 if name in names}
+        partial["required"] = [name for name in schema.get("required", []) if name in names]
+        return fastjsonschema.compile(_ecma_patterns(partial), formats={
+            "ipv4": _is_ip(ipaddress.IPv4Address), "ipv6": _is_ip(ipaddress.IPv6Address)})
+
+    check_each = compiled(fields - remembered)
+    check_remembered = compiled(remembered) if remembered else None
+    values_of = operator.itemgetter(*sorted(remembered)) if remembered else None
+    passed: dict[Any, None] = {}
+
+    def check(data: dict[str, Any]) -> None:
+        try:
+            check_each(data)
+            if check_remembered is not None:
+                try:
+                    values = values_of(data)  # type: ignore[misc]
+                except KeyError:  # an optional field left out: nothing to remember
+                    check_remembered(data)
+                    return
+                if values not in passed:
+                    check_remembered(data)
+                    if len(passed) >= _REMEMBERED_MAX:
+                        passed.clear()
+                    passed[values] = None
+        except fastjsonschema.JsonSchemaValueException as exc:
+            _check(record_type, data)  # raises, explaining every problem
+            raise RecordError(record_type, [(str(exc.name or ""), str(exc.rule or "invalid"),
+                                             _short(str(exc)))]) from None
+
+    return check
 
 
 def validate(record_type: type, data: dict[str, Any]) -> None:

@@ -70,6 +70,8 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from clover import records
+from clover.records import SpanRecord
 from collectors import spanmap
 from collectors.ingest import Candidate, SpanSink
 
@@ -83,6 +85,16 @@ _KINDS = ("unspecified", "internal", "server", "client", "producer", "consumer")
 _STATUS_ERROR = trace_pb2.Status.STATUS_CODE_ERROR
 _RESOURCE_KEYS = frozenset(("service.name", "k8s.deployment.name", "k8s.namespace.name",
                             "k8s.pod.name", "k8s.replicaset.name"))
+
+# What a request controls, so what is checked against span.v1. The mapping sets the other
+# fields from typed values: kind from _KINDS, error a bool, start_us an unsigned integer // 1000,
+# source and schema_version constants.
+# Names repeat from span to span: each combination that passed is not checked again.
+_NAMES = frozenset(("service", "namespace", "pod", "revision", "operation", "peer_service",
+                    "peer_namespace"))
+_check = records.field_validator(SpanRecord, _NAMES | {
+    "trace_id", "span_id", "parent_span_id", "duration_us", "status_code", "bytes_sent",
+    "bytes_received"}, remembered=_NAMES)
 
 
 def _view_types() -> tuple[Any, Any]:
@@ -278,7 +290,7 @@ class OtlpReceiver:
         except DecodeError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"the body is not an ExportTraceServiceRequest: {exc}")
-        result = self._sink.submit(RECEIVER, batch)
+        result = self._sink.submit(RECEIVER, batch, _check)
         if not result.rejected:
             return ExportTraceServiceResponse()
         return ExportTraceServiceResponse(partial_success=ExportTracePartialSuccess(

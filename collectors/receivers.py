@@ -11,6 +11,7 @@ from prometheus_client import start_http_server
 
 from clover.config import Settings
 from clover.kafka import admin_client
+from collectors.heap import freeze_startup_objects
 from collectors.ingest import SpanSink
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ def receive_spans(settings: Settings, *, stop: threading.Event,
     sink = SpanSink(settings)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.listen_host, registry=sink.registry)
+    freeze_startup_objects()  # the imports above, the sink
     servers = []
     ports: dict[str, int | None] = {}
     try:

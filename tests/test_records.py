@@ -741,3 +741,37 @@ def test_create_topics_names_the_failed_topic() -> None:
     assert "clover.anomalies" in str(info.value) and "replication factor" in str(
         info.value
     )
+
+
+def test_field_validator_checks_only_its_fields_and_explains_like_validate() -> None:
+    span = records.to_dict(sample_span())
+    check = records.field_validator(SpanRecord, frozenset(("trace_id", "duration_us")))
+    check(span)
+    check({**span, "kind": "not-a-kind"})  # not one of its fields: typed code sets it
+    bad = {**span, "trace_id": "not-hex", "duration_us": -1}
+    with pytest.raises(RecordError) as partial:
+        check(bad)
+    with pytest.raises(RecordError) as full:
+        records.validate(SpanRecord, bad)
+    assert partial.value.errors == full.value.errors
+    with pytest.raises(RecordError, match="trace_id"):
+        check({key: value for key, value in span.items() if key != "trace_id"})  # required
+
+
+def test_field_validator_remembers_valid_names_only() -> None:
+    span = records.to_dict(sample_span())
+    names = frozenset(("service", "operation"))
+    check = records.field_validator(SpanRecord, names | {"span_id"}, remembered=names)
+    check(span)
+    check({**span, "span_id": "00000000000000ab"})  # names remembered; the id still checked
+    with pytest.raises(RecordError, match="span_id"):
+        check({**span, "span_id": "0" * 16})
+    for bad in ({**span, "operation": ""}, {**span, "service": 7}, {**span, "operation": None}):
+        for _ in range(2):  # an invalid combination is never remembered
+            with pytest.raises(RecordError):
+                check(bad)
+    with pytest.raises(TypeError, match="not a string field"):
+        records.field_validator(SpanRecord, frozenset(("start_us",)),
+                                remembered=frozenset(("start_us",)))
+    with pytest.raises(ValueError, match="no fields"):
+        records.field_validator(SpanRecord, frozenset(("nope",)))
