@@ -62,8 +62,8 @@ Check = Callable[[dict[str, Any]], None]
 validate_span: Check = functools.partial(records.validate, SpanRecord)
 
 # Every SpanRecord field, in the dataclass's order, with its default (required ones are always
-# overwritten): a valid span dict merged into this encodes exactly as records.encode encodes
-# the SpanRecord built from it, absent optional fields included, without building one.
+# overwritten): a valid span dict merged into this encodes as records.encode encodes the
+# SpanRecord built from it, absent optional fields included, without building one.
 _SPAN_TEMPLATE: dict[str, Any] = {
     f.name: None if f.default is dataclasses.MISSING else f.default
     for f in dataclasses.fields(SpanRecord)}
@@ -116,6 +116,7 @@ class SpanSink:
         now_us = time.time_ns() // 1000
         # The hot path, per span: check, encode, produce; no SpanRecord is built.
         publish, dumps, template = self.spans.publish_encoded, orjson.dumps, _SPAN_TEMPLATE
+        fields = len(template)
         keys: dict[tuple[Any, Any], bytes] = {}
         for index, candidate in enumerate(candidates):
             span, reason, rule = candidate.span, candidate.problem, "mapping"
@@ -129,7 +130,9 @@ class SpanSink:
                     key = keys.get(service)
                     if key is None:
                         key = keys[service] = records.service_key(*service)
-                    publish(key, dumps({**template, **span}))
+                    # A span with every field is encoded as it is (sources build theirs in
+                    # SpanRecord's order); one without some gets their defaults.
+                    publish(key, dumps(span if len(span) == fields else {**template, **span}))
                     result.accepted += 1
                     continue
             elif reason is None:

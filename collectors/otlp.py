@@ -194,14 +194,6 @@ def _resource_base(resource: Any) -> dict[str, Any] | None:
         "namespace": attrs.get("k8s.namespace.name") or None,
         "pod": attrs.get("k8s.pod.name") or None,
         "revision": spanmap.revision_of(deployment, attrs.get("k8s.replicaset.name")),
-        "source": RECEIVER,
-        "schema_version": 1,
-        # Set from span attributes when they give them:
-        "status_code": None,
-        "peer_service": None,
-        "peer_namespace": None,
-        "bytes_sent": None,
-        "bytes_received": None,
     }
 
 
@@ -217,6 +209,9 @@ def candidates(body: bytes) -> list[Candidate]:
     for resource_spans, raw_resource_spans in zip(request.resource_spans, raw.resource_spans,
                                                   strict=True):
         base = _resource_base(resource_spans.resource)
+        if base is not None:
+            service, namespace, pod = base["service"], base["namespace"], base["pod"]
+            revision = base["revision"]
         for scope_spans, raw_scope_spans in zip(resource_spans.scope_spans,
                                                 raw_resource_spans.scope_spans, strict=True):
             for span, original in zip(scope_spans.spans, raw_scope_spans.spans, strict=True):
@@ -228,24 +223,28 @@ def candidates(body: bytes) -> list[Candidate]:
                 kind = kinds[kind_number] if 0 <= kind_number < 6 else "unspecified"
                 parent = span.parent_span_id
                 start = span.start_time_unix_nano
-                record = base.copy()
-                record["trace_id"] = span.trace_id.hex()
-                record["span_id"] = span.span_id.hex()
-                record["parent_span_id"] = parent.hex() if parent else None
-                record["operation"] = span.name
-                record["kind"] = kind
-                record["start_us"] = start // 1000
-                record["duration_us"] = (span.end_time_unix_nano - start) // 1000
-                record["error"] = span.status.code == _STATUS_ERROR
+                # Every field, in SpanRecord's order (the sink then encodes it as it is).
+                record = {
+                    "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
+                    "service": service, "operation": span.name, "kind": kind,
+                    "start_us": start // 1000,
+                    "duration_us": (span.end_time_unix_nano - start) // 1000,
+                    "error": span.status.code == _STATUS_ERROR, "source": RECEIVER,
+                    "parent_span_id": parent.hex() if parent else None,
+                    "namespace": namespace, "pod": pod, "revision": revision,
+                    # Set from span attributes when they give them:
+                    "status_code": None, "peer_namespace": None, "peer_service": None,
+                    "bytes_sent": None, "bytes_received": None, "schema_version": 1}
                 attributes = span.attributes
-                attrs = {}
-                for key in attributes:
-                    if key in span_keys:
-                        raw_value = attributes[key]
-                        value = known_value(raw_value)
-                        attrs[key] = value_of(raw_value) if value is None else value
-                if attrs:
-                    apply_attributes(record, attrs, kind)
+                if attributes:
+                    attrs = {}
+                    for key in attributes:
+                        if key in span_keys:
+                            raw_value = attributes[key]
+                            value = known_value(raw_value)
+                            attrs[key] = value_of(raw_value) if value is None else value
+                    if attrs:
+                        apply_attributes(record, attrs, kind)
                 result.append(Candidate(record, original))
     return result
 

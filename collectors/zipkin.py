@@ -121,26 +121,26 @@ def _map(span: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     bytes_sent, bytes_received = spanmap.sizes_of(tags, kind_name) if tags else (None, None)
     peer_service, peer_namespace = _peer(span, tags, kind_name)
     trace_id, span_id, parent = span.get("traceId"), span.get("id"), span.get("parentId")
-    return {
+    return {  # every field, in SpanRecord's order (the sink then encodes it as it is)
         "trace_id": trace_id.lower() if isinstance(trace_id, str) else trace_id,
         "span_id": span_id.lower() if isinstance(span_id, str) else span_id,
-        "parent_span_id": parent.lower() if isinstance(parent, str) else parent,
         "service": service,
-        "namespace": namespace,
-        "pod": tags.get("k8s.pod.name") or None,
-        "revision": spanmap.revision_of(tags.get("k8s.deployment.name"),
-                                        tags.get("k8s.replicaset.name")),
         "operation": span.get("name"),
         "kind": kind,
         "start_us": _integral(span.get("timestamp")),
         "duration_us": _integral(span.get("duration")),
-        "status_code": status_code,
         "error": server_error or "error" in tags,
-        "peer_service": peer_service,
+        "source": RECEIVER,
+        "parent_span_id": parent.lower() if isinstance(parent, str) else parent,
+        "namespace": namespace,
+        "pod": tags.get("k8s.pod.name") or None,
+        "revision": spanmap.revision_of(tags.get("k8s.deployment.name"),
+                                        tags.get("k8s.replicaset.name")),
+        "status_code": status_code,
         "peer_namespace": peer_namespace,
+        "peer_service": peer_service,
         "bytes_sent": bytes_sent,
         "bytes_received": bytes_received,
-        "source": RECEIVER,
         "schema_version": 1,
     }, None
 

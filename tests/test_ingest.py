@@ -36,9 +36,12 @@ def test_valid_spans_are_published_and_invalid_ones_dead_lettered(
 
     # The topics are the shared ones, which other components (a stream worker) may write to at
     # the same time: pick this test's records out of everything written since it started.
-    published = [records.decode(SpanRecord, m.value()) for m in spans_reader.read_all()]
+    values = [m.value() for m in spans_reader.read_all()]
+    published = [records.decode(SpanRecord, value) for value in values]
     ours = sorted(s.span_id for s in published if s.trace_id == good["trace_id"])
     assert ours == sorted([good["span_id"], "00000000000000aa"])
+    # The sink encodes span dicts without building SpanRecords, byte for byte as encode() does.
+    assert records.encode(samples.sample_span()) in values
     letters = [letter for letter in (records.decode(DeadLetter, m.value())
                                      for m in dead_reader.read_all())
                if letter.component == "test-receiver"]
