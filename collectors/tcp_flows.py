@@ -7,8 +7,9 @@ event per closed connection; counters come straight from the socket at offsets r
 running kernel's BTF, because the headers BCC compiles against do not match its layouts.
 
 Records leave as ready-encoded Kafka messages (key, flow.v1 JSON), built from plain dicts in
-FlowRecord's field order: at up to 100k+ records/s the dataclasses, a per-record attribution
-lookup and text conversions of the same addresses were most of the collector's CPU. The
+FlowRecord's field order: at 100k+ records/s the dataclasses, a per-record attribution
+lookup and text conversions of the same addresses were most of what a profile of the collector
+showed (with the garbage collector's scans, see collectors/heap.py). The
 collector is trusted, typed code, so its output is not validated again on the hot path; the
 root tests read every record back from Kafka through the validating ``records.decode``.
 """
