@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from cassandra.cluster import (
@@ -25,7 +25,8 @@ from cassandra.cluster import (
     Session,
 )
 from cassandra.concurrent import execute_concurrent_with_args
-from cassandra.policies import DCAwareRoundRobinPolicy
+from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy
+from cassandra.query import PreparedStatement
 
 from clover.config import Settings
 from clover.records import ServiceMetrics
@@ -62,7 +63,23 @@ SCHEMA = [
     + ", ".join(f"{c} {_cql_type(c)}" for c in _METRIC_COLUMNS)
     + ", PRIMARY KEY ((namespace, service, day), window_start, revision, peer)"
     ") WITH CLUSTERING ORDER BY (window_start ASC, revision ASC, peer ASC)",
+    # Where each stream worker group has durably written up to, per input partition: the
+    # event time up to which its windows are closed (written), and the input offset from which
+    # a restarted worker must re-read to rebuild the windows still open.
+    "CREATE TABLE IF NOT EXISTS {keyspace}.stream_progress ("
+    " consumer_group text, partition int, closed_before timestamp, offsets map<text, bigint>,"
+    " updated timestamp, PRIMARY KEY ((consumer_group), partition))",
 ]
+
+
+@dataclass(frozen=True)
+class StreamProgress:
+    """A stream partition's checkpoint: windows before ``closed_before_us`` are written, and
+    ``offsets`` (topic -> offset) is where re-reading rebuilds the windows still open."""
+
+    partition: int
+    closed_before_us: int
+    offsets: dict[str, int]
 
 
 @dataclass
@@ -73,6 +90,7 @@ class Store:
     session: Session
     keyspace: str
     ttl_seconds: int
+    prepared: dict[str, PreparedStatement] = field(default_factory=dict)
 
     def close(self) -> None:
         self.cluster.shutdown()
@@ -96,7 +114,7 @@ class Store:
         """Write whole window aggregates (upserts); returns how many rows were written."""
         columns = ("namespace", "service", "day", "window_start", "revision", "peer",
                    *_METRIC_COLUMNS)
-        statement = self.session.prepare(
+        statement = self._prepared(
             f"INSERT INTO {self.keyspace}.service_metrics ({', '.join(columns)}) "
             f"VALUES ({', '.join('?' for _ in columns)}) USING TTL ?"
         )
@@ -108,7 +126,7 @@ class Store:
     def read_service_metrics(self, namespace: str, service: str, start_us: int,
                              end_us: int) -> list[ServiceMetrics]:
         """Every row of one service whose window starts in [start_us, end_us)."""
-        statement = self.session.prepare(
+        statement = self._prepared(
             f"SELECT * FROM {self.keyspace}.service_metrics WHERE namespace = ? AND service = ? "
             "AND day = ? AND window_start >= ? AND window_start < ?"
         )
@@ -118,6 +136,33 @@ class Store:
             for row in self.session.execute(statement, (namespace, service, day, start, end)):
                 found.append(_record_of(row))
         return found
+
+
+    def write_progress(self, consumer_group: str, progress: StreamProgress) -> None:
+        statement = self._prepared(
+            f"INSERT INTO {self.keyspace}.stream_progress (consumer_group, partition, "
+            "closed_before, offsets, updated) VALUES (?, ?, ?, ?, ?)")
+        self.session.execute(statement, (consumer_group, progress.partition,
+                                          _utc(progress.closed_before_us), progress.offsets,
+                                          datetime.now(UTC)))
+
+    def read_progress(self, consumer_group: str) -> dict[int, StreamProgress]:
+        statement = self._prepared(
+            f"SELECT partition, closed_before, offsets FROM {self.keyspace}.stream_progress "
+            "WHERE consumer_group = ?")
+        return {
+            row.partition: StreamProgress(
+                row.partition, round(row.closed_before.replace(tzinfo=UTC).timestamp() * 1e6),
+                dict(row.offsets or {}))
+            for row in self.session.execute(statement, (consumer_group,))
+        }
+
+    def _prepared(self, cql: str) -> PreparedStatement:
+        # Prepared once per connection: preparing is a round trip to every node.
+        statement = self.prepared.get(cql)
+        if statement is None:
+            statement = self.prepared[cql] = self.session.prepare(cql)
+        return statement
 
 
 def connect(settings: Settings, *, retry_for_s: float = 60.0) -> Store:
@@ -135,7 +180,9 @@ def connect(settings: Settings, *, retry_for_s: float = 60.0) -> Store:
                           protocol_version=cassandra.protocol_version, auth_provider=auth,
                           execution_profiles={EXEC_PROFILE_DEFAULT: ExecutionProfile(
                               load_balancing_policy=DCAwareRoundRobinPolicy())},
-                          connect_timeout=5)
+                          connect_timeout=5,
+                          # Back within seconds of a restarted node, not the default 10 min.
+                          reconnection_policy=ExponentialReconnectionPolicy(0.5, 10.0))
         try:
             session = cluster.connect()
             return Store(cluster, session, cassandra.keyspace, cassandra.ttl_days * 86400)

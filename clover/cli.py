@@ -112,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
                               "services, when the files do not say")
     replay_spans.set_defaults(run=_replay_spans)
 
+    stream = commands.add_parser("stream", help="Faust stream workers")
+    stream_commands = stream.add_subparsers(title="stream commands", metavar="ACTION",
+                                            required=True)
+    worker = stream_commands.add_parser(
+        "worker", help="aggregate clover.flows and clover.spans into per-service windows "
+        "(Cassandra and clover.service-metrics); run several to share the partitions")
+    worker.add_argument("--loglevel", default="info",
+                        choices=("debug", "info", "warning", "error"))
+    worker.set_defaults(run=_stream_worker)
+
     rollback = commands.add_parser("rollback", help="anomaly-driven rollback of Deployments")
     rollback_commands = rollback.add_subparsers(title="rollback commands", metavar="ACTION",
                                                 required=True)
@@ -310,6 +320,12 @@ def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
     for name, outcome in result.items():
         print(f"{name:<28} {outcome}")
     return 0
+
+
+def _stream_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.app import run_worker
+
+    return run_worker(settings, loglevel=args.loglevel)
 
 
 def _rollback_agent(settings: Settings, args: argparse.Namespace) -> int:

@@ -135,6 +135,9 @@ class StreamSettings:
     # When a partition has been silent this long (wall clock), its event time is assumed to
     # move on with the clock, so the last windows close although no newer record comes.
     idle_close_seconds: int = 5
+    # Where a consumer group with no committed offsets starts: "earliest" loses nothing already
+    # on the topics; "latest" ignores the history and starts with what arrives next.
+    new_group_starts_at: str = "earliest"
     metrics_port: int = 9466
 
 
@@ -240,6 +243,7 @@ class Settings:
 
 _CHOICES: dict[tuple[str, str], tuple[object, ...]] = {
     ("cassandra", "protocol_version"): (3, 4, 5),
+    ("streams", "new_group_starts_at"): ("earliest", "latest"),
 }
 
 

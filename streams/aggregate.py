@@ -1,0 +1,264 @@
+"""The aggregation agent: clover.flows + clover.spans -> per-service windows -> Cassandra and
+clover.service-metrics, exact under crashes, restarts and outages.
+
+How exactness works (no transactions needed):
+
+* Both topics are keyed by service and have the same partition count, so partition *i* of each
+  holds the same services; Faust gives both to the same worker. Each partition index has one
+  ``WindowAggregator`` (analytics/windows.py).
+* A window is written whole, keyed by (namespace, service, day, window, revision, peer), so
+  writing it again after a replay replaces the row with the same values.
+* A record's Kafka offset is acknowledged (and so may be committed) only once every window it
+  went into is written, or it was dead-lettered. Offsets are acknowledged strictly in order, so
+  the committed offset never passes a record whose window is still open.
+* After the windows are written, a checkpoint row in Cassandra (stream_progress) records the
+  event time before which windows are closed and the offset after the last record processed.
+  A restarted worker re-reads from the committed offset; records it already counted or
+  dead-lettered (window closed, offset before the checkpoint) are skipped, and the windows that
+  were open are rebuilt from their records. So a kill -9 at any point neither loses nor double
+  counts.
+* Cassandra down: the write is retried with backoff while the agent waits, so nothing new is
+  read, nothing is acknowledged, and the worker catches up when Cassandra returns.
+
+A record for a window that closed before it arrived (later than the allowed lateness) goes to
+clover.deadletter with the reason, as does one that does not decode or validate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Producer
+from prometheus_client import Counter, Gauge, Histogram
+
+from analytics.store import Store, StreamProgress, connect
+from analytics.windows import Window, WindowAggregator
+from clover import records, topics
+from clover.config import Settings
+from clover.kafka import producer_config
+from clover.records import DeadLetter, FlowRecord, RecordError, SpanRecord
+from streams.app import app
+
+log = logging.getLogger("clover.streams.aggregate")
+COMPONENT = "streams.aggregate"
+
+RECORDS_IN = Counter("clover_stream_records_in_total", "Records read", ["topic"])
+RECORDS_SKIPPED = Counter("clover_stream_records_replayed_total",
+                          "Records re-read after a restart that were already counted")
+WINDOWS_EMITTED = Counter("clover_stream_windows_emitted_total",
+                          "Windows written (rows of services and edges)")
+DEAD_LETTERED = Counter("clover_stream_dead_lettered_total", "Records sent to the dead-letter "
+                        "topic", ["reason"])
+LAG = Gauge("clover_stream_lag_records", "Records on the partition not yet read",
+            ["topic", "partition"])
+OPEN_WINDOWS = Gauge("clover_stream_open_windows", "Windows being aggregated", ["partition"])
+WRITE_SECONDS = Histogram("clover_stream_cassandra_write_seconds",
+                          "Time to write one closed batch of windows to Cassandra")
+WRITE_RETRIES = Counter("clover_stream_cassandra_retries_total",
+                        "Cassandra writes retried after a failure")
+
+_TYPES = {topics.SPANS.name: SpanRecord, topics.FLOWS.name: FlowRecord}
+
+
+@dataclass
+class _Partition:
+    """What the worker holds for one partition index of both input topics."""
+
+    aggregator: WindowAggregator
+    # Offset after the last record the checkpoint saw, per topic: records before it whose
+    # window is closed were already counted (or dead-lettered) before a restart.
+    replayed_before: dict[str, int]
+    # Events read but not yet acknowledged, per topic, in offset order.
+    held: dict[str, deque[Any]] = field(default_factory=dict)
+    next_offset: dict[str, int] = field(default_factory=dict)
+    last_arrival: float = field(default_factory=time.monotonic)
+
+
+class Aggregation:
+    """The agent's state and its side effects (Cassandra, Kafka), one per worker process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.group = settings.streams.app_id
+        self.partitions: dict[int, _Partition] = {}
+        self.store: Store | None = None
+        self.producer = Producer(producer_config(settings))
+        self.lock = asyncio.Lock()
+
+    # -- records in -------------------------------------------------------------------------
+
+    async def handle(self, event: Any) -> None:
+        message = event.message
+        topic, index, offset = message.topic, message.partition, message.offset
+        RECORDS_IN.labels(topic).inc()
+        async with self.lock:
+            part = self.partitions.get(index) or await self._open(index)
+            part.held.setdefault(topic, deque()).append(event)
+            part.next_offset[topic] = offset + 1
+            part.last_arrival = time.monotonic()
+            record: SpanRecord | FlowRecord
+            try:
+                record = records.decode(_TYPES[topic], message.value)
+            except (RecordError, ValueError) as exc:
+                await self._dead_letter(message, f"undecodable {topic} record: {exc}")
+            else:
+                if isinstance(record, SpanRecord):
+                    accepted = part.aggregator.add_span(record, topic, offset)
+                else:
+                    accepted = part.aggregator.add_flow(record, topic, offset)
+                if not accepted:
+                    if offset < part.replayed_before.get(topic, 0):
+                        RECORDS_SKIPPED.inc()
+                    else:
+                        await self._dead_letter(message, self._late_reason(part, record))
+            await self._flush(index, part)
+
+    async def tick(self) -> None:
+        """Close windows of partitions that went quiet, and report lag."""
+        async with self.lock:
+            now = time.monotonic()
+            idle = self.settings.streams.idle_close_seconds
+            for index, part in list(self.partitions.items()):
+                silent = now - part.last_arrival
+                if silent > idle and part.aggregator.event_time_us:
+                    part.aggregator.advance(part.aggregator.event_time_us + round(silent * 1e6))
+                    part.last_arrival = now  # advance by the silence once, then again
+                await self._flush(index, part)
+            for tp in app.consumer.assignment():
+                if tp.partition in self.partitions and tp.topic in _TYPES:
+                    high = app.consumer.highwater(tp)
+                    read = self.partitions[tp.partition].next_offset.get(tp.topic)
+                    if high is not None and read is not None:
+                        LAG.labels(tp.topic, tp.partition).set(max(0, high - read))
+
+    def forget(self, revoked: set[Any]) -> None:
+        """Drop partitions given to another worker: it rebuilds their open windows itself."""
+        for index in {tp.partition for tp in revoked}:
+            if self.partitions.pop(index, None) is not None:
+                OPEN_WINDOWS.labels(index).set(0)
+                log.info("partition %d revoked; its open windows are left to the new owner",
+                         index)
+
+    # -- windows out ------------------------------------------------------------------------
+
+    async def _open(self, index: int) -> _Partition:
+        store = await self._store()
+        progress = (await _in_thread(store.read_progress, self.group)).get(index)
+        streams = self.settings.streams
+        aggregator = WindowAggregator(
+            streams.window_seconds, streams.allowed_lateness_seconds,
+            closed_before_us=progress.closed_before_us if progress else 0)
+        if progress:
+            log.info("partition %d resumes: windows before %d closed, replayed offsets %s",
+                     index, progress.closed_before_us, progress.offsets)
+        part = _Partition(aggregator, dict(progress.offsets) if progress else {})
+        self.partitions[index] = part
+        return part
+
+    async def _flush(self, index: int, part: _Partition) -> None:
+        closed = part.aggregator.close_due()
+        OPEN_WINDOWS.labels(index).set(len(part.aggregator.windows))
+        if closed:
+            await self._write(index, part, closed)
+        self._acknowledge(part)
+
+    async def _write(self, index: int, part: _Partition, closed: list[Window]) -> None:
+        rows = [row for window in closed for row in part.aggregator.metrics(window)]
+        store = await self._store()
+        started = time.monotonic()
+        await self._retry("write windows to Cassandra",
+                          lambda: store.write_service_metrics(rows))
+        WRITE_SECONDS.observe(time.monotonic() - started)
+        for row in rows:
+            self.producer.produce(topics.SERVICE_METRICS.name, key=row.key(),
+                                  value=records.encode(row, validate=False))
+        await self._retry("deliver service metrics to Kafka", self._flush_producer)
+        progress = StreamProgress(index, part.aggregator.closed_before_us,
+                                  dict(part.next_offset))
+        await self._retry("write the checkpoint to Cassandra",
+                          lambda: store.write_progress(self.group, progress))
+        WINDOWS_EMITTED.inc(len(rows))
+
+    def _acknowledge(self, part: _Partition) -> None:
+        """Acknowledge, in order, every held event no open window still needs."""
+        for topic, held in part.held.items():
+            needed = part.aggregator.first_open_position(topic)
+            while held and (needed is None or held[0].message.offset < needed):
+                held.popleft().ack()
+
+    async def _dead_letter(self, message: Any, reason: str) -> None:
+        letter = DeadLetter.wrap(source_topic=message.topic, key=message.key,
+                                 value=message.value, reason=reason, component=COMPONENT,
+                                 at_us=time.time_ns() // 1000, partition=message.partition,
+                                 offset=message.offset)
+        self.producer.produce(topics.DEADLETTER.name, key=letter.key(),
+                              value=records.encode(letter))
+        DEAD_LETTERED.labels(reason.split(":")[0]).inc()
+        await self._retry("deliver a dead letter to Kafka", self._flush_producer)
+
+    def _late_reason(self, part: _Partition, record: SpanRecord | FlowRecord) -> str:
+        aggregator = part.aggregator
+        return (f"late: the record's window closed before it arrived (event time "
+                f"{aggregator.event_time_us} us, windows before {aggregator.closed_before_us} "
+                f"us are written; allowed lateness {aggregator.allowed_lateness_us / 1e6:g} s)")
+
+    def _flush_producer(self) -> None:
+        remaining = self.producer.flush(30)
+        if remaining:
+            raise ConnectionError(f"{remaining} messages not delivered to Kafka within 30 s")
+
+    async def _store(self) -> Store:
+        if self.store is None:
+            self.store = await self._retry("connect to Cassandra", self._connect)
+        return self.store
+
+    def _connect(self) -> Store:
+        store = connect(self.settings, retry_for_s=10)
+        store.create_schema(self.settings.cassandra.replication_factor)
+        return store
+
+    async def _retry(self, what: str, call: Any) -> Any:
+        """Run a blocking call off the event loop, retrying with backoff until it succeeds.
+
+        Waiting here is what keeps the stream exact during an outage: nothing further is read or
+        acknowledged until the write has happened."""
+        delay = 0.5
+        while True:
+            try:
+                return await _in_thread(call)
+            except Exception as exc:  # noqa: BLE001 - any failure of the server is retried
+                WRITE_RETRIES.inc()
+                log.warning("could not %s (%s); retrying in %.1fs", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+
+async def _in_thread(call: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, call, *args)
+
+
+def install(settings: Settings) -> Aggregation:
+    """Attach the agent, its timer and its rebalance hook to the app for these settings."""
+    aggregation = Aggregation(settings)
+    # Declared here, after streams.app.configure(): Faust binds a topic to the app's settings.
+    source_topic = app.topic(topics.FLOWS.name, topics.SPANS.name)
+
+    @app.agent(source_topic, name="aggregate")
+    async def aggregate(stream: Any) -> None:
+        async for event in stream.noack().events():
+            await aggregation.handle(event)
+
+    @app.timer(interval=1.0)
+    async def close_quiet_windows() -> None:
+        await aggregation.tick()
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def on_revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
+        aggregation.forget(revoked)
+
+    return aggregation

@@ -1,0 +1,62 @@
+"""Clover's Faust app: declared at module level, configured from Settings when a worker starts.
+
+Agents live in their own modules (streams/aggregate.py, ...) and attach to ``app`` when
+imported. ``run_worker`` configures the app from Settings (Kafka address, consumer group,
+metrics port) and runs a Faust worker in this process until SIGINT/SIGTERM.
+
+Faust's own web server is off: every component serves Prometheus metrics on the port its
+settings name instead, like the collectors and receivers do.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+from prometheus_client import start_http_server
+
+from clover.config import Settings
+
+app = faust.App(
+    "clover-aggregate",
+    autodiscover=False,
+    web_enabled=False,
+    # Records are our own versioned JSON; decoding and validation happen in the agents so a bad
+    # record becomes a dead letter instead of a crashed stream.
+    value_serializer="raw",
+    key_serializer="raw",
+)
+
+
+def configure(settings: Settings, **overrides: Any) -> faust.App:
+    """Point the app at the configured Kafka and consumer group (before the worker starts)."""
+    streams = settings.streams
+    app.conf.id = streams.app_id
+    servers = settings.kafka_bootstrap.split(",")
+    app.conf.broker = ";".join(f"kafka://{server}" for server in servers)  # type: ignore
+    # A new consumer group starts from the oldest record: nothing already on the topic is lost.
+    app.conf.consumer_auto_offset_reset = streams.new_group_starts_at
+    app.conf.topic_replication_factor = settings.kafka.replication_factor
+    app.conf.broker_commit_interval = 1.0
+    # A worker that died is noticed in 10 s (Faust's default is 60 s), so its partitions move to
+    # a restarted or surviving worker within seconds.
+    app.conf.broker_session_timeout = 10.0
+    app.conf.broker_heartbeat_interval = 3.0
+    for key, value in overrides.items():
+        setattr(app.conf, key, value)
+    return app
+
+
+def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
+    """Run the stream worker (all agents imported so far) until stopped."""
+    configure(settings)
+    from streams import aggregate
+
+    aggregate.install(settings)
+    if settings.streams.metrics_port:
+        start_http_server(settings.streams.metrics_port)
+    logging.getLogger("clover").setLevel(loglevel.upper())
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
+    return 0

@@ -1,0 +1,317 @@
+"""The aggregation worker (`clover stream worker`) against the real Kafka and Cassandra.
+
+Every test runs real worker processes in their own consumer group, writing to their own
+Cassandra keyspace, on records of their own namespace; the expected rows are computed offline
+by analytics.windows.aggregate over exactly the records the test produced.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from analytics.store import connect
+from analytics.windows import aggregate
+from clover import records
+from clover.config import Settings, load_settings
+from clover.kafka import consumer_config, producer_config
+from clover.records import DeadLetter, ServiceMetrics, SpanRecord
+from clover.stack import Stack
+from clover.topics import DEADLETTER, FLOWS, SPANS
+from tests.conftest import SHARED_DATA, TopicReader
+
+WINDOW_S = 2
+DAY_US = 86_400_000_000
+
+
+def now_base_us() -> int:
+    """A window boundary at about the wall clock: the test's records then have event times like
+    live traffic's, so records other producers put on the shared topics meanwhile do not move a
+    partition's event time past the test's windows."""
+    return time.time_ns() // 1000 // 60_000_000 * 60_000_000
+NEZHA_FILE = SHARED_DATA / "nezha-onlineboutique-2022-08-22" / "trace" / "03_54_trace.csv.gz"
+
+
+@dataclass
+class Pipeline:
+    """One test's consumer group and keyspace, and its worker processes."""
+
+    settings: Settings
+    env: dict[str, str]
+    logs: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
+        worker = subprocess.Popen([sys.executable, "-m", "clover.cli", "stream", "worker"],
+                                  env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.workers.append(worker)
+        return worker
+
+    def rows(self, namespace: str, services: set[str]) -> list[ServiceMetrics]:
+        with connect(self.settings) as store:
+            if not store.session.cluster.metadata.keyspaces.get(self.settings.cassandra.keyspace):
+                return []  # the worker has not created its keyspace yet
+            found = []
+            for service in sorted(services):
+                now = time.time_ns() // 1000
+                found += store.read_service_metrics(namespace, service, now - DAY_US,
+                                                    now + DAY_US)
+            return found
+
+    def wait_for_rows(self, namespace: str, expected: list[ServiceMetrics],
+                      timeout: float = 90.0) -> list[ServiceMetrics]:
+        """The rows once they equal the expected ones (or whatever is there at the timeout)."""
+        services = {r.service for r in expected}
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.rows(namespace, services)
+            if _comparable(found) == _comparable(expected) or time.monotonic() > deadline:
+                return found
+            self.assert_workers_alive()
+            time.sleep(1)
+
+    def assert_workers_alive(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is not None and worker.returncode != -signal.SIGKILL:
+                pytest.fail(f"a worker exited with {worker.returncode}; see {self.logs}")
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.terminate()
+        for worker in self.workers:
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+
+
+@pytest.fixture
+def pipeline(kafka_topics: dict[str, str], tmp_path: Path) -> Iterator[Pipeline]:
+    group = f"test-aggregate-{uuid.uuid4().hex[:10]}"
+    env = dict(os.environ, CLOVER_STREAMS_APP_ID=group,
+               CLOVER_CASSANDRA_KEYSPACE=group.replace("-", "_"),
+               CLOVER_STREAMS_WINDOW_SECONDS=str(WINDOW_S),
+               CLOVER_STREAMS_ALLOWED_LATENESS_SECONDS="1",
+               CLOVER_STREAMS_IDLE_CLOSE_SECONDS="2", CLOVER_STREAMS_METRICS_PORT="0")
+    settings = load_settings(environ=env)
+    _start_group_at_the_end(settings, group)
+    pipeline = Pipeline(settings, env, tmp_path)
+    yield pipeline
+    pipeline.stop()
+    with connect(settings) as store:
+        store.session.execute(f"DROP KEYSPACE IF EXISTS {settings.cassandra.keyspace}",
+                              timeout=60)
+
+
+def _start_group_at_the_end(settings: Settings, group: str) -> None:
+    """Commit the topics' current end offsets for the new group, so its workers read exactly
+    what the test produces from here on (the topics are shared with other tests)."""
+    consumer = Consumer(consumer_config(settings, group_id=group))
+    try:
+        ends = []
+        for topic in (SPANS.name, FLOWS.name):
+            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+            for partition in partitions:
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 10)
+                ends.append(TopicPartition(topic, partition, high))
+        consumer.commit(offsets=ends, asynchronous=False)
+    finally:
+        consumer.close()
+
+
+def make_spans(namespace: str, count: int, services: int = 6, seed: int = 1) -> list[SpanRecord]:
+    """Spans over many windows, mostly in time order with some disorder within the lateness."""
+    rng = random.Random(seed)
+    base_us = now_base_us()
+    spans = []
+    for i in range(count):
+        end_us = base_us + i * 4_000 + rng.randint(0, 600_000)
+        duration = rng.randint(500, 80_000)
+        spans.append(SpanRecord(
+            trace_id=f"{i + 1:032x}", span_id=f"{i + 1:016x}", service=f"svc{i % services}",
+            operation="GET /", kind="server" if i % 5 else "client",
+            start_us=end_us - duration, duration_us=duration, error=rng.random() < 0.05,
+            source="otlp", namespace=namespace, revision=f"rev{i % 2}",
+            peer_namespace=namespace if i % 5 == 0 else None,
+            peer_service=f"svc{(i + 1) % services}" if i % 5 == 0 else None,
+            bytes_sent=rng.randint(0, 5000), bytes_received=rng.randint(0, 5000)))
+    spans.sort(key=lambda s: s.start_us + s.duration_us + rng.randint(0, 500_000))
+    return spans
+
+
+def produce(settings: Settings, spans: list[SpanRecord]) -> None:
+    producer = Producer(producer_config(settings))
+    for span in spans:
+        producer.produce(SPANS.name, key=span.key(), value=records.encode(span))
+        producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def _comparable(rows: list[ServiceMetrics]) -> list[tuple[Any, ...]]:
+    """Rows as sortable tuples; floats rounded to what Cassandra's doubles and JSON keep."""
+    out = []
+    for row in rows:
+        values = records.to_dict(row)
+        out.append(tuple((k, round(v, 9) if isinstance(v, float) else v)
+                         for k, v in sorted(values.items())))
+    return sorted(out, key=repr)
+
+
+def assert_rows_equal(found: list[ServiceMetrics], expected: list[ServiceMetrics]) -> None:
+    assert len(found) == len(expected)
+    assert _comparable(found) == _comparable(expected)
+
+
+def test_worker_writes_exactly_the_offline_aggregate(pipeline: Pipeline) -> None:
+    namespace = f"agg-{uuid.uuid4().hex[:8]}"
+    spans = make_spans(namespace, 6000)
+    pipeline.start_worker()
+    produce(pipeline.settings, spans)
+    expected = aggregate(spans, window_seconds=WINDOW_S)
+    assert sum(r.requests for r in expected if r.peer_service is None) == 4800
+    assert_rows_equal(pipeline.wait_for_rows(namespace, expected), expected)
+
+
+def test_kill_9_mid_stream_then_restart_neither_loses_nor_double_counts(
+        pipeline: Pipeline) -> None:
+    namespace = f"agg-{uuid.uuid4().hex[:8]}"
+    spans = make_spans(namespace, 8000, seed=2)
+    expected = aggregate(spans, window_seconds=WINDOW_S)
+    worker = pipeline.start_worker()
+    produce(pipeline.settings, spans[:5000])
+    services = {r.service for r in expected}
+    deadline = time.monotonic() + 60
+    while not pipeline.rows(namespace, services):  # some windows written, others still open
+        assert time.monotonic() < deadline, "the worker wrote nothing within 60 s"
+        pipeline.assert_workers_alive()
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(10)
+    partial = pipeline.rows(namespace, services)
+    assert 0 < len(partial) < len(expected)
+    produce(pipeline.settings, spans[5000:])
+    pipeline.start_worker()
+    assert_rows_equal(pipeline.wait_for_rows(namespace, expected, timeout=120), expected)
+
+
+def test_two_workers_share_the_partitions_and_give_the_same_totals(pipeline: Pipeline) -> None:
+    namespace = f"agg-{uuid.uuid4().hex[:8]}"
+    spans = make_spans(namespace, 6000, services=12, seed=3)
+    pipeline.start_worker()
+    pipeline.start_worker()
+    time.sleep(5)  # let the group settle on two members before the data arrives
+    produce(pipeline.settings, spans)
+    expected = aggregate(spans, window_seconds=WINDOW_S)
+    assert_rows_equal(pipeline.wait_for_rows(namespace, expected, timeout=120), expected)
+
+
+def test_undecodable_and_late_records_are_dead_lettered_and_the_worker_goes_on(
+        pipeline: Pipeline) -> None:
+    namespace = f"agg-{uuid.uuid4().hex[:8]}"
+    dead = TopicReader(pipeline.settings, DEADLETTER.name)
+    try:
+        spans = make_spans(namespace, 2000, services=1, seed=4)
+        late = make_spans(namespace, 1, services=1, seed=5)[0]  # ends at the very start
+        late.span_id = "f" * 16
+        pipeline.start_worker()
+        key = f"{namespace}/svc0".encode()
+        producer = Producer(producer_config(pipeline.settings))
+        producer.produce(SPANS.name, key=key, value=b'{"not": "a span"')
+        producer.flush(10)
+        produce(pipeline.settings, spans)
+        # After a window beyond its own is written, the early span is late.
+        expected = aggregate(spans, window_seconds=WINDOW_S)
+        assert_rows_equal(pipeline.wait_for_rows(namespace, expected), expected)
+        produce(pipeline.settings, [late])
+        letters: list[DeadLetter] = []
+        deadline = time.monotonic() + 30
+        while len(letters) < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+            letters = [letter for letter in (records.decode(DeadLetter, m.value())
+                                             for m in dead.read_all() if m.key() == key)
+                       if letter.component == "streams.aggregate"]
+        reasons = sorted(letter.reason.split(":")[0] for letter in letters)
+        assert reasons == ["late", "undecodable clover.spans record"], letters
+        # The rows are unchanged by the late span: it was not counted twice or half.
+        assert_rows_equal(pipeline.rows(namespace, {"svc0"}), expected)
+    finally:
+        dead.close()
+
+
+@pytest.mark.skipif(not NEZHA_FILE.is_file(), reason=f"the Nezha sample is not at {NEZHA_FILE}")
+def test_nezha_replay_aggregates_to_the_offline_computation(pipeline: Pipeline) -> None:
+    from collectors.ingest import SpanSink
+    from collectors.replay import read_nezha, replay_spans
+
+    namespace = f"nezha-{uuid.uuid4().hex[:8]}"
+    pipeline.start_worker()
+    sink = SpanSink(pipeline.settings)
+    try:
+        replay_spans(sink, [NEZHA_FILE], speed=None, namespace=namespace)
+    finally:
+        sink.close()
+    unique: dict[tuple[str, str], SpanRecord] = {}
+    for _, candidate in read_nezha(NEZHA_FILE, namespace=namespace):
+        assert candidate.span is not None
+        span = records.from_dict(SpanRecord, candidate.span)
+        unique.setdefault((span.trace_id, span.span_id), span)
+    expected = aggregate(unique.values(), window_seconds=WINDOW_S)
+    assert len({r.service for r in expected}) >= 5
+    assert_rows_equal(pipeline.wait_for_rows(namespace, expected, timeout=120), expected)
+
+
+@pytest.mark.outage
+def test_cassandra_outage_is_waited_out_and_nothing_is_lost(
+        pipeline: Pipeline, live_stack: Stack) -> None:
+    namespace = f"agg-{uuid.uuid4().hex[:8]}"
+    spans = make_spans(namespace, 6000, seed=6)
+    expected = aggregate(spans, window_seconds=WINDOW_S)
+    pipeline.start_worker()
+    produce(pipeline.settings, spans[:2000])
+    services = {r.service for r in expected}
+    deadline = time.monotonic() + 60
+    while not pipeline.rows(namespace, services):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    live_stack.down(only=["cassandra"])
+    try:
+        produce(pipeline.settings, spans[2000:])
+        time.sleep(10)  # windows close while Cassandra is down: the worker must wait
+        pipeline.assert_workers_alive()
+    finally:
+        live_stack.up()
+    assert_rows_equal(pipeline.wait_for_rows(namespace, expected, timeout=180), expected)
+
+
+@pytest.mark.outage
+def test_kafka_broker_restart_is_resumed_without_loss(
+        pipeline: Pipeline, live_stack: Stack) -> None:
+    namespace = f"agg-{uuid.uuid4().hex[:8]}"
+    spans = make_spans(namespace, 6000, seed=7)
+    expected = aggregate(spans, window_seconds=WINDOW_S)
+    pipeline.start_worker()
+    produce(pipeline.settings, spans[:3000])
+    services = {r.service for r in expected}
+    deadline = time.monotonic() + 60
+    while not pipeline.rows(namespace, services):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    live_stack.down(only=["kafka"])
+    time.sleep(3)
+    live_stack.up()
+    produce(pipeline.settings, spans[3000:])
+    assert_rows_equal(pipeline.wait_for_rows(namespace, expected, timeout=180), expected)
