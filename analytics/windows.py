@@ -234,8 +234,9 @@ class WindowAggregator:
             window_start_us=start_us, window_seconds=self.window_seconds,
             requests=row.requests, errors=row.errors,
             error_rate=row.errors / row.requests if row.requests else None,
-            latency_p50_ms=_quantile(sketch, 0.5), latency_p90_ms=_quantile(sketch, 0.9),
-            latency_p99_ms=_quantile(sketch, 0.99), latency_max_ms=row.latency_max_ms,
+            latency_p50_ms=sketch_quantile(sketch, 0.5),
+            latency_p90_ms=sketch_quantile(sketch, 0.9),
+            latency_p99_ms=sketch_quantile(sketch, 0.99), latency_max_ms=row.latency_max_ms,
             latency_sketch=encode_sketch(sketch) if sketch is not None else None,
             bytes_in=row.bytes_in if has_flows else row.span_bytes_in,
             bytes_out=row.bytes_out if has_flows else row.span_bytes_out,
@@ -282,10 +283,12 @@ def merge_sketches(encoded: Iterable[str | None]) -> DDSketch | None:
     return merged
 
 
-def _quantile(sketch: DDSketch | None, q: float) -> float | None:
+def sketch_quantile(sketch: DDSketch | None, q: float) -> float | None:
+    """The sketch's q-quantile in ms (None for no values); never below 0."""
     if sketch is None or sketch.count == 0:
         return None
-    return max(0.0, float(sketch.get_quantile_value(q)))
+    value = sketch.get_quantile_value(q)
+    return None if value is None else max(0.0, float(value))
 
 
 def _sort_key(key: RowKey) -> tuple[str, ...]:
