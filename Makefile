@@ -29,9 +29,11 @@ test: $(STAMP)
 	if [ "$(KEEP_STACK)" != 1 ]; then $(CLOVER) stack down --recorded $(STARTED); fi; \
 	rm -f $(STARTED); exit $$status
 
+# DEMO_ARGS passes options to `clover demo`, e.g. DEMO_ARGS="--fault errors --service cart".
+DEMO_ARGS ?=
 demo: $(STAMP)
 	$(CLOVER) stack up
-	$(CLOVER) smoke
+	$(CLOVER) demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(CLOVER) stack up

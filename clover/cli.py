@@ -175,6 +175,25 @@ def _parser() -> argparse.ArgumentParser:
         "smoke", help="send records through Kafka into Cassandra and print what arrived")
     smoke.add_argument("--count", type=int, default=12, help="service-metrics records to send")
     smoke.set_defaults(run=_smoke)
+
+    demo = commands.add_parser(
+        "demo", help="a real local mesh, a bad rollout, detected and rolled back by the "
+        "pipeline (needs the local stack: `clover stack up`)")
+    demo.add_argument("--service", default="payment",
+                      help="the service that gets the new release: frontend, cart, catalog, "
+                           "checkout or payment (default payment)")
+    demo.add_argument("--fault", default="latency", choices=("latency", "errors"),
+                      help="what the faulty release does (default latency)")
+    demo.add_argument("--healthy", action="store_true",
+                      help="roll out a harmless release instead: nothing should be rolled back")
+    demo.add_argument("--duration", type=_positive_seconds, default=90.0, metavar="SECONDS",
+                      help="the longest to watch after the rollout (default 90)")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="leave the mesh and the pipeline running until Ctrl-C")
+    demo.add_argument("--namespace", default="clover-demo",
+                      help="Kubernetes namespace of the mesh (default clover-demo; replaced if "
+                           "it exists)")
+    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -445,6 +464,26 @@ def _smoke(settings: Settings, args: argparse.Namespace) -> int:
     from streams.smoke import run_smoke
 
     return run_smoke(settings, count=args.count)
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from demo.scenario import DemoError, DemoOptions, run_demo
+
+    options = DemoOptions(service=args.service, fault=args.fault, healthy=args.healthy,
+                          duration_s=args.duration, keep_running=args.keep_running,
+                          namespace=args.namespace)
+    try:
+        options.check()
+    except DemoError as exc:
+        print(f"clover demo: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = run_demo(settings, options, say=lambda line: print(line, flush=True))
+    except DemoError as exc:
+        print(f"clover demo: {exc}", file=sys.stderr)
+        return 1
+    wanted = 0 if args.healthy else 1
+    return 0 if len(report.rollbacks()) == wanted else 1
 
 
 if __name__ == "__main__":
