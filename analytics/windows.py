@@ -259,8 +259,20 @@ def aggregate(spans: Iterable[SpanRecord] = (), flows: Iterable[FlowRecord] = ()
 # -- sketches ---------------------------------------------------------------------------------
 
 def encode_sketch(sketch: DDSketch) -> str:
-    """Base64 of the DDSketch protobuf, as stored in ServiceMetrics.latency_sketch."""
-    return base64.b64encode(DDSketchProto.to_proto(sketch).SerializeToString()).decode("ascii")
+    """Base64 of the DDSketch protobuf, as stored in ServiceMetrics.latency_sketch.
+
+    Canonical: the bin array is trimmed to its non-zero span, because how far a store has grown
+    depends on the order values arrived in. The same values then give the same bytes, so a
+    window rewritten after a replay is byte for byte the row it replaces."""
+    message = DDSketchProto.to_proto(sketch)
+    for store in (message.positiveValues, message.negativeValues):
+        counts = list(store.contiguousBinCounts)
+        nonzero = [i for i, count in enumerate(counts) if count]
+        first, last = (nonzero[0], nonzero[-1] + 1) if nonzero else (0, 0)
+        del store.contiguousBinCounts[:]
+        store.contiguousBinCounts.extend(counts[first:last])
+        store.contiguousBinIndexOffset = store.contiguousBinIndexOffset + first if nonzero else 0
+    return base64.b64encode(message.SerializeToString()).decode("ascii")
 
 
 def decode_sketch(text: str) -> DDSketch:

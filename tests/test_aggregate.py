@@ -37,10 +37,12 @@ DAY_US = 86_400_000_000
 
 
 def now_base_us() -> int:
-    """A window boundary at about the wall clock: the test's records then have event times like
-    live traffic's, so records other producers put on the shared topics meanwhile do not move a
-    partition's event time past the test's windows."""
-    return time.time_ns() // 1000 // 60_000_000 * 60_000_000
+    """A window boundary half a minute ahead of the wall clock: the test's records then have
+    event times like live traffic's (a little ahead), so records that other producers put on the
+    shared topics meanwhile do not move a partition's event time past the test's windows."""
+    return (time.time_ns() // 1000 // 10_000_000 + 3) * 10_000_000
+
+
 NEZHA_FILE = SHARED_DATA / "nezha-onlineboutique-2022-08-22" / "trace" / "03_54_trace.csv.gz"
 
 
@@ -60,24 +62,28 @@ class Pipeline:
         self.workers.append(worker)
         return worker
 
-    def rows(self, namespace: str, services: set[str]) -> list[ServiceMetrics]:
+    def rows(self, namespace: str, services: set[str],
+             around_us: int | None = None) -> list[ServiceMetrics]:
+        """The stored rows of these services within a day of ``around_us`` (default: now)."""
+        around_us = time.time_ns() // 1000 if around_us is None else around_us
         with connect(self.settings) as store:
-            if not store.session.cluster.metadata.keyspaces.get(self.settings.cassandra.keyspace):
-                return []  # the worker has not created its keyspace yet
+            keyspace = store.session.cluster.metadata.keyspaces.get(store.keyspace)
+            if keyspace is None or "service_metrics" not in keyspace.tables:
+                return []  # the worker has not created its tables yet
             found = []
             for service in sorted(services):
-                now = time.time_ns() // 1000
-                found += store.read_service_metrics(namespace, service, now - DAY_US,
-                                                    now + DAY_US)
+                found += store.read_service_metrics(namespace, service, around_us - DAY_US,
+                                                    around_us + DAY_US)
             return found
 
     def wait_for_rows(self, namespace: str, expected: list[ServiceMetrics],
                       timeout: float = 90.0) -> list[ServiceMetrics]:
         """The rows once they equal the expected ones (or whatever is there at the timeout)."""
         services = {r.service for r in expected}
+        around_us = expected[0].window_start_us
         deadline = time.monotonic() + timeout
         while True:
-            found = self.rows(namespace, services)
+            found = self.rows(namespace, services, around_us)
             if _comparable(found) == _comparable(expected) or time.monotonic() > deadline:
                 return found
             self.assert_workers_alive()
@@ -139,7 +145,7 @@ def make_spans(namespace: str, count: int, services: int = 6, seed: int = 1) -> 
     base_us = now_base_us()
     spans = []
     for i in range(count):
-        end_us = base_us + i * 4_000 + rng.randint(0, 600_000)
+        end_us = base_us + i * 4_000 + rng.randint(0, 300_000)
         duration = rng.randint(500, 80_000)
         spans.append(SpanRecord(
             trace_id=f"{i + 1:032x}", span_id=f"{i + 1:016x}", service=f"svc{i % services}",
@@ -149,6 +155,7 @@ def make_spans(namespace: str, count: int, services: int = 6, seed: int = 1) -> 
             peer_namespace=namespace if i % 5 == 0 else None,
             peer_service=f"svc{(i + 1) % services}" if i % 5 == 0 else None,
             bytes_sent=rng.randint(0, 5000), bytes_received=rng.randint(0, 5000)))
+    # Out of order by less than a second: within the tests' allowed lateness.
     spans.sort(key=lambda s: s.start_us + s.duration_us + rng.randint(0, 500_000))
     return spans
 
@@ -172,8 +179,28 @@ def _comparable(rows: list[ServiceMetrics]) -> list[tuple[Any, ...]]:
 
 
 def assert_rows_equal(found: list[ServiceMetrics], expected: list[ServiceMetrics]) -> None:
-    assert len(found) == len(expected)
-    assert _comparable(found) == _comparable(expected)
+    """Equal row sets; on a difference, name the rows and fields that differ."""
+    def keyed(rows: list[ServiceMetrics]) -> dict[tuple[Any, ...], dict[str, Any]]:
+        out = {}
+        for key, row in zip(_keys(rows), _comparable(rows), strict=True):
+            out[key] = dict(row)
+        return out
+
+    got, want = keyed(found), keyed(expected)
+    missing = sorted(set(want) - set(got), key=repr)[:5]
+    extra = sorted(set(got) - set(want), key=repr)[:5]
+    differing = [(key, {f: (got[key][f], want[key][f]) for f in want[key]
+                        if f != "latency_sketch" and got[key][f] != want[key][f]})
+                 for key in want if key in got and got[key] != want[key]][:5]
+    assert not missing and not extra and not differing, (
+        f"{len(found)} rows found, {len(expected)} expected; missing {missing}; "
+        f"unexpected {extra}; differing (found, expected) {differing}")
+
+
+def _keys(rows: list[ServiceMetrics]) -> list[tuple[Any, ...]]:
+    # In the order _comparable returns the rows.
+    return [tuple(dict(row)[f] for f in ("service", "revision", "peer_service",
+                                         "window_start_us")) for row in _comparable(rows)]
 
 
 def test_worker_writes_exactly_the_offline_aggregate(pipeline: Pipeline) -> None:
@@ -241,8 +268,9 @@ def test_undecodable_and_late_records_are_dead_lettered_and_the_worker_goes_on(
         deadline = time.monotonic() + 30
         while len(letters) < 2 and time.monotonic() < deadline:
             time.sleep(1)
-            letters = [letter for letter in (records.decode(DeadLetter, m.value())
-                                             for m in dead.read_all() if m.key() == key)
+            ours = {(m.partition(), m.offset()): records.decode(DeadLetter, m.value())
+                    for m in dead.read_all() if m.key() == key}
+            letters = [letter for letter in ours.values()
                        if letter.component == "streams.aggregate"]
         reasons = sorted(letter.reason.split(":")[0] for letter in letters)
         assert reasons == ["late", "undecodable clover.spans record"], letters
@@ -258,6 +286,9 @@ def test_nezha_replay_aggregates_to_the_offline_computation(pipeline: Pipeline) 
     from collectors.replay import read_nezha, replay_spans
 
     namespace = f"nezha-{uuid.uuid4().hex[:8]}"
+    # Replay publishes spans in order of their start; a span counts when it ends, so the stream
+    # is out of order by up to the longest span (2.5 s in this file): allow that much lateness.
+    pipeline.env["CLOVER_STREAMS_ALLOWED_LATENESS_SECONDS"] = "5"
     pipeline.start_worker()
     sink = SpanSink(pipeline.settings)
     try:

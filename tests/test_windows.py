@@ -108,3 +108,11 @@ def test_idle_inputs_close_their_windows_when_time_moves_on() -> None:
     aggregator.advance(BASE_US + 15_000_000)
     assert len(aggregator.close_due()) == 1
     assert aggregator.first_open_position("spans") is None
+
+
+def test_a_sketch_encodes_the_same_whatever_order_its_values_came_in() -> None:
+    durations = [1_000, 250_000, 3_000, 90_000, 40_000, 2_000_000]
+    forward = aggregate([span(i, BASE_US + i, d) for i, d in enumerate(durations)])
+    backward = aggregate([span(i, BASE_US + i, d) for i, d in reversed(list(enumerate(durations)))])
+    assert forward[0].latency_sketch == backward[0].latency_sketch
+    assert decode_sketch(forward[0].latency_sketch or "").count == len(durations)
