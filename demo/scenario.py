@@ -431,8 +431,9 @@ def _summarise(report: DemoReport, watcher: VerdictWatcher, runner: MeshRunner,
     if onset is not None:
         report.timeline.append(Moment("fault onset" if not options.healthy else "new pod serving",
                                       onset.at, f"pod {onset.pod} ({tag}) serving traffic"))
-    anomalous = [v for v in watcher.verdicts(service)
-                 if v.verdict == "anomalous" and v.revision == new_revision]
+    # Only this pipeline's windows (another worker's, of another length, are counted apart).
+    own = [v for v in watcher.verdicts(service) if v.window_seconds == report.window_seconds]
+    anomalous = [v for v in own if v.verdict == "anomalous" and v.revision == new_revision]
     if anomalous:
         first = min(anomalous, key=lambda v: v.window_start_us)
         top = ", ".join(f"{c.feature} {c.value:.3g} vs {c.baseline:.3g}"
@@ -459,7 +460,7 @@ def _summarise(report: DemoReport, watcher: VerdictWatcher, runner: MeshRunner,
                 report.timeline.append(Moment(
                     "recovery", max(e.at for e in stopped),
                     f"the previous build serves again; pod {stopped[-1].pod} ({tag}) stopped"))
-            normal = [v for v in watcher.verdicts(service) if v.verdict == "normal"
+            normal = [v for v in own if v.verdict == "normal"
                       and v.revision != new_revision and stopped
                       and v.window_start_us / 1e6 >= max(e.at for e in stopped)]
             if normal:
