@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import bench_collector, bench_kafka, bench_receivers, bench_records, bench_rollback
+from benchmarks import (
+    bench_aggregate,
+    bench_collector,
+    bench_kafka,
+    bench_receivers,
+    bench_records,
+    bench_rollback,
+)
 
 
 def main() -> int:
     results = [*bench_records.run(), *bench_kafka.run(), *bench_receivers.run(),
-               *bench_collector.run(), *bench_rollback.run()]
+               *bench_collector.run(), *bench_aggregate.run(), *bench_rollback.run()]
     width = max(len(r.name) for r in results)
     print(f"{'benchmark':<{width}}  {'rate':>14}  {'baseline':>14}  ratio  (baseline)")
     for r in results:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Producer
+from faust.types import TP
 from prometheus_client import Counter, Gauge, Histogram
 
 from analytics.store import Store, StreamProgress, connect
@@ -59,6 +60,9 @@ LAG = Gauge("clover_stream_lag_records", "Records on the partition not yet read"
 OPEN_WINDOWS = Gauge("clover_stream_open_windows", "Windows being aggregated", ["partition"])
 WRITE_SECONDS = Histogram("clover_stream_cassandra_write_seconds",
                           "Time to write one closed batch of windows to Cassandra")
+GAPS = Counter("clover_stream_offset_gaps_total",
+               "Times a partition's offsets jumped and it was read again from the last "
+               "acknowledged offset")
 WRITE_RETRIES = Counter("clover_stream_cassandra_retries_total",
                         "Cassandra writes retried after a failure")
 
@@ -92,21 +96,33 @@ class Aggregation:
 
     # -- records in -------------------------------------------------------------------------
 
-    async def handle(self, event: Any) -> None:
-        message = event.message
-        topic, index, offset = message.topic, message.partition, message.offset
-        RECORDS_IN.labels(topic).inc()
+    async def handle(self, events: list[Any]) -> None:
+        """Aggregate a batch of events, then write what closed and acknowledge what may be."""
         async with self.lock:
-            part = self.partitions.get(index) or await self._open(index)
-            part.held.setdefault(topic, deque()).append(event)
-            part.next_offset[topic] = offset + 1
-            part.last_arrival = time.monotonic()
-            record: SpanRecord | FlowRecord
-            try:
-                record = records.decode(_TYPES[topic], message.value)
-            except (RecordError, ValueError) as exc:
-                await self._dead_letter(message, f"undecodable {topic} record: {exc}")
-            else:
+            touched: dict[int, _Partition] = {}
+            letters = 0
+            for event in events:
+                message = event.message
+                topic, index, offset = message.topic, message.partition, message.offset
+                if message.generation_id != app.consumer_generation_id:
+                    continue  # fetched before a rebalance: the partition's owner re-reads it
+                part = self.partitions.get(index) or await self._open(index)
+                expected = part.next_offset.get(topic, offset)
+                if offset < expected:
+                    continue  # delivered again after a seek: already in this partition's state
+                if offset > expected:  # records were skipped (the fetch position moved on)
+                    await self._rewind(index, part, topic, expected, offset)
+                    continue
+                RECORDS_IN.labels(topic).inc()
+                touched[index] = part
+                part.held.setdefault(topic, deque()).append(event)
+                part.next_offset[topic] = offset + 1
+                record: SpanRecord | FlowRecord
+                try:
+                    record = records.decode(_TYPES[topic], message.value)
+                except (RecordError, ValueError) as exc:
+                    letters += self._dead_letter(message, f"undecodable {topic} record: {exc}")
+                    continue
                 if isinstance(record, SpanRecord):
                     accepted = part.aggregator.add_span(record, topic, offset)
                 else:
@@ -115,34 +131,94 @@ class Aggregation:
                     if offset < part.replayed_before.get(topic, 0):
                         RECORDS_SKIPPED.inc()
                     else:
-                        await self._dead_letter(message, self._late_reason(part, record))
-            await self._flush(index, part)
+                        letters += self._dead_letter(message, self._late_reason(part, record))
+            if letters:  # delivered before the offsets they came from are acknowledged
+                await self._retry("deliver dead letters to Kafka", self._flush_producer)
+            now = time.monotonic()
+            for index, part in touched.items():
+                part.last_arrival = now
+                await self._flush(index, part)
 
     async def tick(self) -> None:
-        """Close windows of partitions that went quiet, and report lag."""
+        """Close windows of partitions that went quiet, and report lag.
+
+        A quiet partition's event time moves on with the clock only when everything on it has
+        been read: silence while records wait in Kafka or in the stream's buffer (a slow or
+        blocked agent, an unreachable broker) is not the end of the traffic."""
         async with self.lock:
+            reachable = await _in_thread(self._broker_reachable)
+            highwaters = await self._highwaters() if reachable else None
             now = time.monotonic()
             idle = self.settings.streams.idle_close_seconds
             for index, part in list(self.partitions.items()):
+                if not reachable:
+                    # Producers hold their records while the broker is away: silence then
+                    # says nothing, and only counts again once the broker is back.
+                    part.last_arrival = now
+                lag = await self._lag(index, part, highwaters)
                 silent = now - part.last_arrival
-                if silent > idle and part.aggregator.event_time_us:
+                if lag == 0 and silent > idle and part.aggregator.event_time_us:
                     part.aggregator.advance(part.aggregator.event_time_us + round(silent * 1e6))
                     part.last_arrival = now  # advance by the silence once, then again
                 await self._flush(index, part)
-            for tp in app.consumer.assignment():
-                if tp.partition in self.partitions and tp.topic in _TYPES:
-                    high = app.consumer.highwater(tp)
-                    read = self.partitions[tp.partition].next_offset.get(tp.topic)
-                    if high is not None and read is not None:
-                        LAG.labels(tp.topic, tp.partition).set(max(0, high - read))
 
-    def forget(self, revoked: set[Any]) -> None:
-        """Drop partitions given to another worker: it rebuilds their open windows itself."""
-        for index in {tp.partition for tp in revoked}:
-            if self.partitions.pop(index, None) is not None:
-                OPEN_WINDOWS.labels(index).set(0)
-                log.info("partition %d revoked; its open windows are left to the new owner",
-                         index)
+    async def _rewind(self, index: int, part: _Partition, topic: str, expected: int,
+                      got: int) -> None:
+        """Offsets jumped from ``expected`` to ``got``: counting on would lose the records in
+        between. Drop the partition's open windows and read both topics again from the first
+        record not yet acknowledged, as a new owner would."""
+        GAPS.inc()
+        log.warning("partition %d of %s jumped from offset %d to %d; re-reading it from the "
+                    "last acknowledged offsets", index, topic, expected, got)
+        self.partitions.pop(index, None)
+        for name, held in part.held.items():
+            restart = held[0].message.offset if held else part.next_offset[name]
+            await app.consumer.seek(TP(name, index), restart)
+
+    def _broker_reachable(self) -> bool:
+        try:
+            self.producer.list_topics(topics.SPANS.name, timeout=2)
+        except Exception:  # noqa: BLE001 - any failure to get metadata: not reachable
+            return False
+        return True
+
+    async def _highwaters(self) -> dict[Any, int] | None:
+        """The end offset of every assigned input partition, from the broker (None if it cannot
+        be asked)."""
+        assigned = [tp for tp in app.consumer.assignment() if tp.topic in _TYPES]
+        try:
+            return dict(await asyncio.wait_for(app.consumer.highwaters(*assigned), 5))
+        except Exception as exc:  # noqa: BLE001 - an unreachable broker: nothing is idle
+            log.debug("could not read the end offsets (%s)", exc)
+            return None
+
+    async def _lag(self, index: int, part: _Partition,
+                   highwaters: dict[Any, int] | None) -> int | None:
+        """Records on the partition index's topics not yet handled (None if unknown)."""
+        if highwaters is None:
+            return None
+        total = 0
+        for tp, high in highwaters.items():
+            if tp.partition != index:
+                continue
+            read = part.next_offset.get(tp.topic)
+            if read is None:  # nothing handled from this topic yet: where the fetch stands
+                read = await app.consumer.position(tp)
+                if read is None:
+                    return None
+            LAG.labels(tp.topic, index).set(max(0, high - read))
+            total += max(0, high - read)
+        return total
+
+    async def forget(self, revoked: set[Any]) -> None:
+        """Drop partitions given to another worker: it rebuilds their open windows itself.
+        Under the lock, so a batch being handled finishes (or has not started) first."""
+        async with self.lock:
+            for index in {tp.partition for tp in revoked}:
+                if self.partitions.pop(index, None) is not None:
+                    OPEN_WINDOWS.labels(index).set(0)
+                    log.info("partition %d revoked; its open windows are left to the new "
+                             "owner", index)
 
     # -- windows out ------------------------------------------------------------------------
 
@@ -183,6 +259,8 @@ class Aggregation:
         await self._retry("write the checkpoint to Cassandra",
                           lambda: store.write_progress(self.group, progress))
         WINDOWS_EMITTED.inc(len(rows))
+        log.info("partition %d: wrote %d rows of %d windows from %d (event time %d)", index,
+                 len(rows), len(closed), closed[0].start_us, part.aggregator.event_time_us)
 
     def _acknowledge(self, part: _Partition) -> None:
         """Acknowledge, in order, every held event no open window still needs."""
@@ -191,7 +269,8 @@ class Aggregation:
             while held and (needed is None or held[0].message.offset < needed):
                 held.popleft().ack()
 
-    async def _dead_letter(self, message: Any, reason: str) -> None:
+    def _dead_letter(self, message: Any, reason: str) -> int:
+        """Queue a dead letter for the message (delivered by the caller's producer flush)."""
         letter = DeadLetter.wrap(source_topic=message.topic, key=message.key,
                                  value=message.value, reason=reason, component=COMPONENT,
                                  at_us=time.time_ns() // 1000, partition=message.partition,
@@ -199,7 +278,7 @@ class Aggregation:
         self.producer.produce(topics.DEADLETTER.name, key=letter.key(),
                               value=records.encode(letter))
         DEAD_LETTERED.labels(reason.split(":")[0]).inc()
-        await self._retry("deliver a dead letter to Kafka", self._flush_producer)
+        return 1
 
     def _late_reason(self, part: _Partition, record: SpanRecord | FlowRecord) -> str:
         aggregator = part.aggregator
@@ -250,8 +329,9 @@ def install(settings: Settings) -> Aggregation:
 
     @app.agent(source_topic, name="aggregate")
     async def aggregate(stream: Any) -> None:
-        async for event in stream.noack().events():
-            await aggregation.handle(event)
+        # Batches keep the per-record cost down; 0.2 s bounds the wait of a slow trickle.
+        async for events in stream.noack().take_events(1000, within=0.2):
+            await aggregation.handle(list(events))
 
     @app.timer(interval=1.0)
     async def close_quiet_windows() -> None:
@@ -259,6 +339,6 @@ def install(settings: Settings) -> Aggregation:
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
-        aggregation.forget(revoked)
+        await aggregation.forget(revoked)
 
     return aggregation

@@ -43,6 +43,10 @@ def configure(settings: Settings, **overrides: Any) -> faust.App:
     # a restarted or surviving worker within seconds.
     app.conf.broker_session_timeout = 10.0
     app.conf.broker_heartbeat_interval = 3.0
+    # Agents hold events unacknowledged on purpose (until their window is written); waiting for
+    # them on shutdown or rebalance would never end. What is unacknowledged is re-read by the
+    # partition's next owner, which is what keeps the windows exact.
+    app.conf.stream_wait_empty = False
     for key, value in overrides.items():
         setattr(app.conf, key, value)
     return app
