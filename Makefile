@@ -38,6 +38,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(CLOVER) stack up
 	$(PY) -m benchmarks
+	$(CLOVER) models evaluate
 
 stack-up: $(STAMP)
 	$(CLOVER) stack up

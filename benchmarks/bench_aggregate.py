@@ -1,7 +1,9 @@
-"""Aggregation worker throughput: spans/s per worker core, from Kafka to windows written in
-Cassandra and clover.service-metrics, against a bare consumer that reads and decodes (with
-validation) the same records in this process: what windowing, sketches, writes and exactness
-bookkeeping cost on top of reading the input."""
+"""Aggregation worker throughput: spans/s through one worker process end to end (Kafka in, every
+window written to Cassandra and clover.service-metrics), against the raw confluent-kafka consume
+rate of the same records in this process (issue 5's goals: 100k/s and 30% of the raw rate).
+
+The spans are on the topic before the clock starts, so the worker, not the producer, sets the
+pace; its CPU time is reported too."""
 
 from __future__ import annotations
 
@@ -16,10 +18,8 @@ import psutil
 from confluent_kafka import Consumer, TopicPartition
 
 from benchmarks.common import Result
-from clover import records
 from clover.config import load_settings
 from clover.kafka import consumer_config
-from clover.records import SpanRecord
 from clover.topics import SPANS
 from tests.test_aggregate import _start_group_at_the_end, make_spans, produce
 
@@ -43,31 +43,35 @@ def run() -> list[Result]:
         process = psutil.Process(worker.pid)
         _wait_for(lambda: _records_in() is not None, 120, "the worker's metrics endpoint")
         time.sleep(5)  # group joined, partitions assigned, Cassandra schema created
-        cpu_before = _cpu(process)
+        process.suspend()  # the input is all there before the worker reads any of it
         produce(settings, spans)
-        _wait_for(lambda: (_records_in() or 0) >= N, 300, f"the worker to read {N} spans")
+        cpu_before, started = _cpu(process), time.monotonic()
+        process.resume()
+        _wait_for(lambda: (_records_in() or 0) >= N, 600, f"the worker to read {N} spans")
+        # Every window but the last few is written by now; those close by the idle rule once
+        # the stream has gone quiet, which is waiting, not work: not counted.
+        elapsed = time.monotonic() - started
+        worker_rate = N / elapsed
+        print(f"stream worker: {N} spans in {elapsed:.1f} s wall, "
+              f"{_cpu(process) - cpu_before:.1f} s CPU")
         _wait_for(lambda: _open_windows() == 0, 120, "the worker to write every window")
-        worker_rate = N / (_cpu(process) - cpu_before)
     finally:
         worker.terminate()
         worker.wait(30)
-    baseline_rate = _bare_decode_rate(settings, starts)
-    return [Result("stream worker spans/s per core (Kafka -> windows in Cassandra)",
-                   worker_rate, baseline_rate, "bare consume + validated decode, per core")]
+    baseline_rate = _raw_consume_rate(settings, starts)
+    return [Result("stream worker spans/s, one process (Kafka -> windows in Cassandra)",
+                   worker_rate, baseline_rate, "raw confluent-kafka consume of the same topic")]
 
 
-def _bare_decode_rate(settings: object, starts: list[TopicPartition]) -> float:
+def _raw_consume_rate(settings: object, starts: list[TopicPartition]) -> float:
     consumer = Consumer(consumer_config(settings, group_id=f"bench-{uuid.uuid4()}"))  # type: ignore[arg-type]
     consumer.assign(starts)
     read = 0
-    started = time.process_time()
-    deadline = time.monotonic() + 120
+    started = time.monotonic()
+    deadline = started + 120
     while read < N and time.monotonic() < deadline:
-        for message in consumer.consume(1000, timeout=1):
-            if message.error() is None:
-                records.decode(SpanRecord, message.value())
-                read += 1
-    elapsed = time.process_time() - started
+        read += sum(1 for m in consumer.consume(1000, timeout=1) if m.error() is None)
+    elapsed = time.monotonic() - started
     consumer.close()
     return read / elapsed
 
