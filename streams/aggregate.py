@@ -104,8 +104,10 @@ class Aggregation:
             for event in events:
                 message = event.message
                 topic, index, offset = message.topic, message.partition, message.offset
-                if message.generation_id != app.consumer_generation_id:
-                    continue  # fetched before a rebalance: the partition's owner re-reads it
+                if app.rebalancing or message.generation_id != app.consumer_generation_id:
+                    # Fetched before (or during) a rebalance: the partition's owner, maybe this
+                    # worker again, re-reads it from the committed offset.
+                    continue
                 part = self.partitions.get(index) or await self._open(index)
                 expected = part.next_offset.get(topic, offset)
                 if offset < expected:
