@@ -42,8 +42,9 @@ from analytics.windows import Window, WindowAggregator
 from clover import records, topics
 from clover.config import Settings
 from clover.kafka import producer_config
-from clover.records import DeadLetter, FlowRecord, RecordError, SpanRecord
+from clover.records import FlowRecord, RecordError, SpanRecord
 from streams.app import app
+from streams.deadletter import letter_for
 
 log = logging.getLogger("clover.streams.aggregate")
 COMPONENT = "streams.aggregate"
@@ -273,10 +274,7 @@ class Aggregation:
 
     def _dead_letter(self, message: Any, reason: str) -> int:
         """Queue a dead letter for the message (delivered by the caller's producer flush)."""
-        letter = DeadLetter.wrap(source_topic=message.topic, key=message.key,
-                                 value=message.value, reason=reason, component=COMPONENT,
-                                 at_us=time.time_ns() // 1000, partition=message.partition,
-                                 offset=message.offset)
+        letter = letter_for(message, reason, COMPONENT)
         self.producer.produce(topics.DEADLETTER.name, key=letter.key(),
                               value=records.encode(letter))
         DEAD_LETTERED.labels(reason.split(":")[0]).inc()

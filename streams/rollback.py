@@ -36,9 +36,10 @@ from analytics.rollbacks import RollbackTable
 from clover import records
 from clover.config import ConfigError, Settings
 from clover.kafka import producer_config
-from clover.records import Anomaly, DeadLetter, RollbackDecision
+from clover.records import Anomaly, RollbackDecision
 from clover.topics import ANOMALIES, DEADLETTER, ROLLBACKS
 from k8s.rollback import Actuator, ApiUnreachable, DeploymentChanged, DeploymentGone, Rollout
+from streams.deadletter import letter_for
 from streams.rollback_policy import Streaks, judge, screen
 
 log = logging.getLogger(__name__)
@@ -282,10 +283,7 @@ def install(controller: RollbackController, *, anomalies_topic: str = ANOMALIES.
             try:
                 anomaly = records.decode(Anomaly, event.value)
             except records.RecordError as exc:
-                letter = DeadLetter.wrap(source_topic=message.topic, key=event.key,
-                                         value=event.value, reason=str(exc)[:2000],
-                                         component=COMPONENT, at_us=_now_us(),
-                                         partition=message.partition, offset=message.offset)
+                letter = letter_for(message, str(exc)[:2000], COMPONENT)
                 controller.producer.produce(DEADLETTER.name, records.encode(letter),
                                             letter.key(), on_delivery=controller._delivered)
                 controller.producer.poll(0)

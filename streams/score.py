@@ -33,6 +33,7 @@ from clover.kafka import producer_config
 from clover.records import Anomaly, DeadLetter, ServiceMetrics
 from clover.topics import ANOMALIES, DEADLETTER, SERVICE_METRICS
 from models.online import OnlineScorer
+from streams.deadletter import letter_for
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +176,7 @@ def install(service: ScoringService, *, metrics_topic: str = SERVICE_METRICS.nam
             try:
                 window = records.decode(ServiceMetrics, event.value)
             except records.RecordError as exc:
-                service.dead_letter(DeadLetter.wrap(
-                    source_topic=message.topic, key=event.key, value=event.value,
-                    reason=str(exc)[:2000], component=COMPONENT, at_us=_now_us(),
-                    partition=message.partition, offset=message.offset))
+                service.dead_letter(letter_for(message, str(exc)[:2000], COMPONENT))
                 continue
             await loop.run_in_executor(executor, service.handle, window)
 
