@@ -61,15 +61,27 @@ def tail_p_value(z: np.ndarray, features: Sequence[str],
     handful of windows is uncertain, and its z-scores must be larger to mean as much.
     """
     z = np.atleast_2d(np.asarray(z, dtype=float))
-    one_sided = np.array([direction_of(f) == 1 for f in features])
-    sf = norm.sf if history is None else student_t(max(history - 1, 1)).sf
-    tails = np.where(one_sided, sf(z), 2.0 * sf(np.abs(z)))
-    tails = np.where(np.isfinite(z), tails, np.nan)
+    tails = feature_tails(z, features, history)
     counted = np.isfinite(z).sum(axis=1)
     with np.errstate(invalid="ignore"):
         smallest = np.nanmin(np.where(counted[:, None] > 0, tails, 1.0), axis=1)
     p = np.minimum(1.0, smallest * np.maximum(counted, 1))
     return np.where(counted > 0, p, np.nan)
+
+
+def feature_tails(z: np.ndarray, features: Sequence[str], history: int | None = None,
+                  two_sided: frozenset[str] = frozenset()) -> np.ndarray:
+    """The tail probability of each z-score on its own (NaN where z is NaN): one-sided where
+    only a rise hurts (unless the feature is in ``two_sided``), two-sided otherwise; Student's
+    t with ``history - 1`` degrees of freedom when ``history`` is given (see
+    :func:`tail_p_value`)."""
+    z = np.asarray(z, dtype=float)
+    one_sided = np.array([direction_of(f) == 1 and f not in two_sided for f in features],
+                         dtype=bool)
+    sf = norm.sf if history is None else student_t(max(history - 1, 1)).sf
+    with np.errstate(invalid="ignore"):
+        tails = np.where(one_sided, sf(z), 2.0 * sf(np.abs(z)))
+    return np.where(np.isfinite(z), tails, np.nan)
 
 
 def contributions(z: np.ndarray, features: Sequence[str], values: Sequence[float],
@@ -172,9 +184,10 @@ class RobustBaselineDetector(_Scored):
             profile = self.profiles_.get(key)
             if profile is None:
                 continue
-            if profile["hourly_median"] is not None:
-                medians[i] = profile["hourly_median"][hours[i]]
-                scales[i] = profile["hourly_scale"][hours[i]]
+            hourly_median, hourly_scale = profile["hourly_median"], profile["hourly_scale"]
+            if hourly_median is not None and hourly_scale is not None:
+                medians[i] = hourly_median[hours[i]]
+                scales[i] = hourly_scale[hours[i]]
             else:
                 medians[i], scales[i] = profile["median"], profile["scale"]
         return medians, scales

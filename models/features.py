@@ -36,6 +36,11 @@ BASE_FEATURES: tuple[str, ...] = (
     "request_rate", "error_ratio", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
     "bytes_in_rate", "bytes_out_rate", "reset_rate",
 )
+# What callers see of a service: the caller -> callee rows (edges) into it, one set per caller.
+# A network delay or a slow sidecar shows only here: the callee's own spans time the handler.
+EDGE_FEATURES: tuple[str, ...] = ("request_rate", "latency_p50_ms", "latency_p90_ms",
+                                  "latency_p99_ms")
+EDGE_SCORED: tuple[str, ...] = ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms")
 # Which way is bad: a latency or error rise hurts users, a fall does not; traffic that drops or
 # surges both say something changed.
 DIRECTION: Mapping[str, int] = {
@@ -48,6 +53,7 @@ SCALE_FLOOR: Mapping[str, float] = {
     "latency_p99_ms": 0.15, "bytes_in_rate": 0.1, "bytes_out_rate": 0.1, "reset_rate": 0.1,
 }
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+DECILE_TO_SIGMA = 1.6449  # the 0.9 quantile of |x - median| of a normal, in standard deviations
 
 
 def z_name(feature: str) -> str:
@@ -145,12 +151,19 @@ def build_features(metrics: pd.DataFrame, *, baseline_windows: int = 60,
 
 
 def _scale(history: np.ndarray, feature: str) -> float:
-    """The robust spread of a history (MAD as a standard deviation), floored."""
+    """The robust spread of a history as a standard deviation, floored: the larger of the MAD
+    and the upper decile of the absolute deviations, each scaled to a normal's standard
+    deviation. Latency quantiles of real services stray from window to window with heavier
+    tails than a normal's: the MAD measures only the calm half, while the upper decile also
+    sees how far the usual bad windows go (and is still untouched by up to a tenth of the
+    history being a fault that slipped in)."""
     history = history[np.isfinite(history)]
     if history.size == 0:
         return SCALE_FLOOR[feature]
-    mad = float(np.median(np.abs(history - np.median(history))))
-    return max(MAD_TO_SIGMA * mad, SCALE_FLOOR[feature])
+    deviations = np.abs(history - np.median(history))
+    mad = float(np.median(deviations))
+    decile = float(np.quantile(deviations, 0.9))
+    return max(MAD_TO_SIGMA * mad, decile / DECILE_TO_SIGMA, SCALE_FLOOR[feature])
 
 
 def _versus_other_revisions(frame: pd.DataFrame, feature: str) -> pd.Series:
@@ -172,23 +185,25 @@ def _versus_other_revisions(frame: pd.DataFrame, feature: str) -> pd.Series:
 @dataclass
 class ServiceBaseline:
     """The recent history of one (namespace, service): the last ``baseline_windows`` windows'
-    base features, with revisions combined as :func:`build_features` combines them."""
+    base features, with revisions combined as :func:`build_features` combines them (or, with
+    ``features``, any other vector of features: the online scorer keeps one per edge too)."""
 
     baseline_windows: int = 60
     history: deque[np.ndarray] = field(default_factory=deque)
+    features: tuple[str, ...] = BASE_FEATURES
 
     def __len__(self) -> int:
         return len(self.history)
 
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """(median, scale) per base feature over the history (NaN median when none)."""
+        """(median, scale) per feature over the history (NaN median when none)."""
         if not self.history:
-            return (np.full(len(BASE_FEATURES), np.nan),
-                    np.array([SCALE_FLOOR[f] for f in BASE_FEATURES]))
+            return (np.full(len(self.features), np.nan),
+                    np.array([SCALE_FLOOR[f] for f in self.features]))
         matrix = np.vstack(self.history)
-        medians = np.full(len(BASE_FEATURES), np.nan)
-        scales = np.empty(len(BASE_FEATURES))
-        for j, feature in enumerate(BASE_FEATURES):
+        medians = np.full(len(self.features), np.nan)
+        scales = np.empty(len(self.features))
+        for j, feature in enumerate(self.features):
             column = matrix[:, j][np.isfinite(matrix[:, j])]
             if column.size:
                 medians[j] = np.median(column)
@@ -216,3 +231,13 @@ def combine_revisions(values: Iterable[tuple[np.ndarray, float]]) -> np.ndarray:
 def base_vector(metrics: pd.DataFrame) -> np.ndarray:
     """Base features of a one-row ServiceMetrics frame as a vector in BASE_FEATURES order."""
     return base_features(metrics).iloc[0][list(BASE_FEATURES)].to_numpy(dtype=float)
+
+
+def edge_vector(requests: int, window_seconds: int, p50: float | None, p90: float | None,
+                p99: float | None) -> np.ndarray:
+    """An edge row's :data:`EDGE_FEATURES` on the modelling scale (log1p), NaN for none."""
+    def scaled(value: float | None) -> float:
+        return float(np.log1p(value)) if value is not None else np.nan
+
+    return np.array([np.log1p(requests / window_seconds), scaled(p50), scaled(p90),
+                     scaled(p99)])

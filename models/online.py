@@ -6,44 +6,82 @@ each service window into one :class:`clover.records.Anomaly`:
 * with a trained :class:`~models.detectors.AnomalyModel` that knows the service, the model's
   calibrated score (its per-service, seasonal baseline plus the forest on the departures from
   the recent history);
-* otherwise it learns online: the score is one minus the Bonferroni tail p-value of the window's
-  robust z-scores against the service's recent history (and against the other revision running
-  in the same window), and the verdict is ``inconclusive`` with a reason until the service has
-  ``min_windows`` windows of history, or while its traffic is below ``min_requests`` per window.
+* otherwise it learns online. The evidence of a window is the robust z-score of each of its
+  features against the service's own recent history (median and MAD, never the window itself),
+  against the other revision running in the same window, and, for each caller, the latency the
+  caller saw on its calls to the service (the caller -> callee rows given to
+  :meth:`OnlineScorer.learn_edge`), against that edge's own history. A network delay, a slow
+  sidecar or a saturated listener show only there: the service's own spans time its handler.
+  Each z-score has a tail probability (Student's t for the length of the history, one-sided
+  where only a rise hurts); the window's p-value is the smallest, Bonferroni-corrected for how
+  many were counted.
+* **Persistence**: one window is anomalous on its own only with decisive evidence; two
+  consecutive windows of the same revision are anomalous together with weaker evidence each.
+  With ``p`` the window's p-value and ``p'`` the previous window's, ``q = min(sqrt(p),
+  max(p', p))`` and the score is one minus ``min(1, 2 q**2)``, which under independent windows
+  is a p-value again (P(q <= x) <= 2 x**2), so the score stays calibrated: a threshold of 0.999
+  takes one window with p <= 0.0005, or two in a row with p <= 0.022 each.
 
-A window judged anomalous is not learned, so a fault does not become the baseline it is
-measured against, unless the service stays anomalous for ``relearn_after`` windows in a row: a
-lasting change (more traffic, a slower release that was kept) becomes the new normal.
+The verdict is ``inconclusive`` with a reason until the service has ``min_windows`` windows of
+history, and for a window too thin to judge: latency and errors are judged when the window has
+``min_requests`` requests, or, for a service whose usual window has fewer, at least half its
+usual count and two requests (its history is then of equally thin windows, so their spread is
+the spread such windows have); a thin service's thinner windows are inconclusive.
+
+A window judged anomalous is not learned, nor one whose p-value alone would make the next window
+anomalous together with it, so a fault does not become the baseline it is measured against,
+unless the service stays so for ``relearn_after`` windows in a row: a lasting change (more
+traffic, a slower release that was kept) becomes the new normal. An edge's window is learned
+unless its callee's window was held back.
 
 Revisions: the rows of one service and window arrive one by one; a revision is compared with
 the other revisions already seen in that window, and the service's history learns the window
-(revisions combined, weighted by requests) once a later window of the service arrives.
+(revisions combined, weighted by requests) once a later window of the service arrives. Edges:
+the callers' rows of a window may arrive before or after the callee's own row (they are keyed
+by the caller, so they come from another partition); the callee's window is judged with each
+caller's view of the same window when it is already there, else of the window before.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from clover.records import Anomaly, ServiceMetrics
-from models.detectors import AnomalyModel, contributions, tail_p_value
+from clover.records import Anomaly, ServiceMetrics, Verdict
+from models.detectors import AnomalyModel, contributions, feature_tails
 from models.features import (
     BASE_FEATURES,
     DEPARTURE_FEATURES,
+    EDGE_FEATURES,
+    EDGE_SCORED,
     ServiceBaseline,
     base_vector,
     combine_revisions,
+    edge_vector,
     rev_name,
     to_raw,
     z_name,
 )
 
-ONLINE_DETECTOR = "online_robust_baseline@1"
+ONLINE_DETECTOR = "online_robust_baseline@2"
 # Latency and error features mean little over a handful of requests.
 _PER_REQUEST = np.array([f.startswith("latency") or f == "error_ratio" for f in BASE_FEATURES])
+_EDGE_SCORED = np.array([f in EDGE_SCORED for f in EDGE_FEATURES])
+# A window's q-quantile is judged only when at least one request lies beyond it
+# (requests * (1 - q) >= 1): below that it is merely the slowest request, and one slow request
+# in a thin window says little.
+_TAIL = {"latency_p90_ms": 10, "latency_p99_ms": 100}
+_TAIL_OWN = np.array([_TAIL.get(f, 0) for f in BASE_FEATURES])
+_TAIL_EDGE = np.array([_TAIL.get(f, 0) for f in EDGE_SCORED])
+_OWN_NAMES = [z_name(f) for f in BASE_FEATURES] + [rev_name(f) for f in BASE_FEATURES]
+# A service's median latency that collapses says something too: requests that fail fast or
+# return early (recorded spans may carry no status at all). What callers see is judged on rises.
+_TWO_SIDED = frozenset({z_name("latency_p50_ms"), rev_name("latency_p50_ms")})
+_KEEP_VERDICTS = 8  # recent windows per service whose learning state edges may ask about
 
 
 @dataclass
@@ -52,9 +90,87 @@ class _Service:
     window_start_us: int | None = None
     # This window's revisions so far: revision -> (base features, requests).
     revisions: dict[str, tuple[np.ndarray, float]] = field(default_factory=dict)
-    # Revisions of this window judged anomalous (not learned).
+    # Revisions of this window held back from learning (anomalous, or nearly).
     anomalous: set[str] = field(default_factory=set)
     anomalous_run: int = 0
+    # Recent windows: start -> whether it was held back (read when an edge into it closes).
+    held: dict[int, bool] = field(default_factory=dict)
+    # Persistence: revision -> {window start: the window's own p-value}.
+    p_values: dict[str, dict[int, float]] = field(default_factory=dict)
+
+
+@dataclass
+class _Edge:
+    """What one caller saw of one callee: its windows, and its own recent history."""
+
+    caller: str
+    baseline: ServiceBaseline
+    window_start_us: int | None = None
+    # This window's caller revisions: revision -> (edge features, requests).
+    revisions: dict[str, tuple[np.ndarray, float]] = field(default_factory=dict)
+    window_seconds: int = 10
+    # The last closed window, not learned yet: (start, features, requests).
+    closed: tuple[int, np.ndarray, float] | None = None
+
+    def pending(self) -> tuple[np.ndarray, float]:
+        pairs = list(self.revisions.values())
+        vector = combine_revisions(pairs)
+        requests = float(sum(r for _, r in pairs))
+        vector[0] = np.log1p(requests / self.window_seconds)
+        return vector, requests
+
+    def view(self, start_us: int, window_us: int) -> tuple[int, np.ndarray, float] | None:
+        """The edge's window starting at ``start_us``, else the one just before it."""
+        candidates = []
+        if self.window_start_us is not None and self.revisions:
+            candidates.append((self.window_start_us, *self.pending()))
+        if self.closed is not None:
+            candidates.append(self.closed)
+        for wanted in (start_us, start_us - window_us):
+            for window in candidates:
+                if window[0] == wanted:
+                    return window
+        return None
+
+
+@dataclass
+class _Evidence:
+    """The z-scores of one window, with what they are named and measured against."""
+
+    names: list[str] = field(default_factory=list)  # for the tail's direction
+    labels: list[str] = field(default_factory=list)  # for contributions
+    z: list[float] = field(default_factory=list)
+    tails: list[float] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)  # raw units
+    baselines: list[float] = field(default_factory=list)
+
+    def add(self, names: Sequence[str], labels: Sequence[str], z: np.ndarray, history: int,
+            values: Sequence[float], baselines: Sequence[float]) -> None:
+        self.names += list(names)
+        self.labels += list(labels)
+        self.z += [float(v) for v in z]
+        self.tails += [float(t) for t in feature_tails(z, names, history, _TWO_SIDED)]
+        self.values += list(values)
+        self.baselines += list(baselines)
+
+    def p_value(self) -> float:
+        """The smallest tail, Bonferroni-corrected for the tails counted; NaN for none."""
+        tails = np.array(self.tails, dtype=float)
+        counted = np.isfinite(tails)
+        if not counted.any():
+            return float("nan")
+        return float(min(1.0, np.min(tails[counted]) * counted.sum()))
+
+
+def persistent_p_value(p: float, previous: float | None) -> float:
+    """The p-value of "this window decisively, or it and the previous one together" (see the
+    module's docstring); ``previous`` None when the window before was not scored."""
+    if not np.isfinite(p):
+        return p
+    if previous is None or not np.isfinite(previous):
+        return p
+    q = min(float(np.sqrt(p)), max(previous, p))
+    return min(1.0, q + q * q)
 
 
 class OnlineScorer:
@@ -63,7 +179,7 @@ class OnlineScorer:
     def __init__(self, model: AnomalyModel | None = None, *, threshold: float = 0.999,
                  min_windows: int = 6, baseline_windows: int = 60, min_requests: int = 10,
                  relearn_after: int = 30, top_contributions: int = 3,
-                 model_name: str = "anomaly_model") -> None:
+                 model_name: str = "anomaly_model", persistence: bool = True) -> None:
         self.model = model
         self.threshold = model.threshold if model is not None else threshold
         self.min_windows = min_windows
@@ -72,15 +188,29 @@ class OnlineScorer:
         self.relearn_after = relearn_after
         self.top_contributions = top_contributions
         self.model_name = model_name
+        self.persistence = persistence
         self._services: dict[tuple[str, str], _Service] = {}
+        # callee (namespace, service) -> caller "namespace/service" -> edge
+        self._edges: dict[tuple[str, str], dict[str, _Edge]] = {}
+
+    @property
+    def hold_back_p(self) -> float:
+        """A window with a p-value at most this is not learned: with another such window
+        after it, the two are anomalous together."""
+        return float(np.sqrt((1.0 - self.threshold) / 2.0))
 
     # -- River's interface ----------------------------------------------------------------
 
     def score_one(self, metrics: ServiceMetrics, *, now_us: int | None = None) -> Anomaly:
         """The verdict on one service window; changes nothing (see :meth:`learn_one`)."""
+        return self._score(metrics, now_us)[0]
+
+    def _score(self, metrics: ServiceMetrics, now_us: int | None) -> tuple[Anomaly, float]:
+        """The verdict, and the window's own p-value (NaN when it was not judged)."""
         if metrics.peer_service is not None:
             raise ValueError(f"{metrics.namespace}/{metrics.service} -> {metrics.peer_service}: "
-                             "edge rows are not scored, only a service's own rows")
+                             "edge rows are not scored, only a service's own rows (give them "
+                             "to learn_edge)")
         state = self._state(metrics)
         values = base_vector(_frame(metrics))
         history = state.baseline if state.window_start_us in (None, metrics.window_start_us) \
@@ -90,24 +220,32 @@ class OnlineScorer:
         others = [v for rev, v in state.revisions.items() if rev != metrics.revision] \
             if state.window_start_us == metrics.window_start_us else []
         rev = (values - combine_revisions(others)) / scales if others \
-            else np.zeros(len(BASE_FEATURES))
-        few_requests = metrics.requests < self.min_requests
-        if few_requests:
+            else np.full(len(BASE_FEATURES), np.nan)
+        usual = float(np.expm1(medians[0]) * metrics.window_seconds) \
+            if np.isfinite(medians[0]) else float("nan")
+        judged = self._enough(metrics.requests, usual)
+        if not judged:
             z = np.where(_PER_REQUEST, np.nan, z)
             rev = np.where(_PER_REQUEST, np.nan, rev)
+        z = np.where(_TAIL_OWN > metrics.requests, np.nan, z)
+        rev = np.where(_TAIL_OWN > metrics.requests, np.nan, rev)
         emitted = now_us if now_us is not None else time.time_ns() // 1000
+        raw_values = [to_raw(f, v) for f, v in zip(BASE_FEATURES, values, strict=True)]
 
         def verdict(score: float | None, reason: str | None, detector: str,
-                    explain: np.ndarray | None = None) -> Anomaly:
+                    evidence: _Evidence | None = None) -> Anomaly:
+            kind: Verdict
             if score is None or not np.isfinite(score):
                 kind, score = "inconclusive", None
             else:
                 kind = "anomalous" if score >= self.threshold else "normal"
-            found = [] if explain is None else contributions(
-                explain, BASE_FEATURES, [to_raw(f, v) for f, v in zip(BASE_FEATURES, values,
-                                                                       strict=True)],
-                [to_raw(f, m) for f, m in zip(BASE_FEATURES, medians, strict=True)],
-                self.top_contributions)
+            found = [] if evidence is None else contributions(
+                np.array(evidence.z, dtype=float), evidence.names, evidence.values,
+                evidence.baselines, self.top_contributions)
+            if evidence is not None:
+                labels = dict(zip(evidence.names, evidence.labels, strict=True))
+                for c in found:
+                    c.feature = labels.get(c.feature, c.feature)
             return Anomaly(
                 namespace=metrics.namespace, service=metrics.service,
                 revision=metrics.revision, window_start_us=metrics.window_start_us,
@@ -118,28 +256,75 @@ class OnlineScorer:
 
         if len(history) < self.min_windows:
             return verdict(None, f"learning: {len(history)} of {self.min_windows} windows of "
-                           "history for this service", ONLINE_DETECTOR)
-        typical_requests = float(np.expm1(medians[0]) * metrics.window_seconds)
-        if typical_requests < self.min_requests and few_requests:
+                           "history for this service", ONLINE_DETECTOR), float("nan")
+        if not judged and not usual >= self.min_requests:
             return verdict(None, f"too little traffic: {metrics.requests} requests in the window"
-                           f" and ~{typical_requests:.0f} usually (< {self.min_requests})",
-                           ONLINE_DETECTOR)
+                           f" and ~{usual:.0f} usually (< {self.min_requests})",
+                           ONLINE_DETECTOR), float("nan")
         key = f"{metrics.namespace}/{metrics.service}"
         if self.model is not None and key in self.model.baseline_.profiles_:
             row = pd.DataFrame([[metrics.namespace, metrics.service, metrics.window_start_us,
-                                 *values, *z, *rev]],
+                                 *values, *z, *np.nan_to_num(rev)]],
                                columns=["namespace", "service", "window_start_us",
                                         *BASE_FEATURES, *DEPARTURE_FEATURES])
             score = float(self.model.anomaly_score(row)[0])
-            trained_z = self.model.baseline_.z_scores(row)[0]
-            medians = self.model.baseline_.baselines(row)[0][0]
-            return verdict(score, None, self.model_name, trained_z)
-        p = float(tail_p_value(np.concatenate([z, rev])[None, :],
-                               [z_name(f) for f in BASE_FEATURES]
-                               + [rev_name(f) for f in BASE_FEATURES], len(history))[0])
+            evidence = _Evidence()
+            evidence.add(BASE_FEATURES, BASE_FEATURES, self.model.baseline_.z_scores(row)[0],
+                         len(history), raw_values,
+                         [to_raw(f, m) for f, m in zip(
+                             BASE_FEATURES, self.model.baseline_.baselines(row)[0][0],
+                             strict=True)])
+            return verdict(score, None, self.model_name, evidence), 1.0 - score
+        evidence = _Evidence()
+        raw_medians = [to_raw(f, m) for f, m in zip(BASE_FEATURES, medians, strict=True)]
+        evidence.add(_OWN_NAMES, list(BASE_FEATURES) + [f"{f} vs other revisions"
+                                                          for f in BASE_FEATURES],
+                     np.concatenate([z, rev]), len(history), raw_values + raw_values,
+                     raw_medians + raw_medians)
+        self._edge_evidence(metrics, evidence)
+        p = evidence.p_value()
+        previous = None
+        if self.persistence:
+            previous = state.p_values.get(metrics.revision, {}).get(
+                metrics.window_start_us - metrics.window_seconds * 1_000_000)
+        score = 1.0 - persistent_p_value(p, previous)
         reason = None if self.model is None else f"{key} is not in the trained model: scored " \
             "against its recent history"
-        return verdict(1.0 - p, reason, ONLINE_DETECTOR, np.where(np.isfinite(z), z, np.nan))
+        return verdict(score, reason, ONLINE_DETECTOR, evidence), p
+
+    def _enough(self, requests: int, usual: float) -> bool:
+        """Whether latency and errors of a window of ``requests`` requests can be judged
+        against a history whose windows usually hold ``usual`` requests."""
+        if requests >= self.min_requests:
+            return True
+        return bool(usual < self.min_requests and requests >= max(2.0, usual / 2.0))
+
+    def _edge_evidence(self, metrics: ServiceMetrics, evidence: _Evidence) -> None:
+        """Add what each caller saw of this service in this window (or the one before)."""
+        edges = self._edges.get((metrics.namespace, metrics.service), {})
+        window_us = metrics.window_seconds * 1_000_000
+        for caller, edge in sorted(edges.items()):
+            if len(edge.baseline) < self.min_windows:
+                continue
+            found = edge.view(metrics.window_start_us, window_us)
+            if found is None:
+                continue
+            _, vector, requests = found
+            history = edge.baseline
+            medians, scales = history.stats()
+            usual = float(np.expm1(medians[0]) * metrics.window_seconds) \
+                if np.isfinite(medians[0]) else float("nan")
+            if not self._enough(int(requests), usual):
+                continue
+            z = ((vector - medians) / scales)[_EDGE_SCORED]
+            z = np.where(_TAIL_EDGE > requests, np.nan, z)
+            evidence.add([f"{f}__from_{caller}" for f in EDGE_SCORED],
+                         [f"{f} seen by {caller}"[:128] for f in EDGE_SCORED], z,
+                         len(history),
+                         [to_raw(f, v) for f, v in zip(EDGE_SCORED, vector[_EDGE_SCORED],
+                                                       strict=True)],
+                         [to_raw(f, m) for f, m in zip(EDGE_SCORED, medians[_EDGE_SCORED],
+                                                       strict=True)])
 
     def learn_one(self, metrics: ServiceMetrics, *, anomalous: bool = False) -> None:
         """Add one window to its service's history (``anomalous`` windows are held back)."""
@@ -155,11 +340,59 @@ class OnlineScorer:
             state.anomalous.add(metrics.revision)
         else:
             state.anomalous.discard(metrics.revision)
+        state.held[metrics.window_start_us] = bool(state.anomalous) \
+            and state.anomalous_run + 1 < self.relearn_after
+        for start in sorted(state.held)[:-_KEEP_VERDICTS]:
+            del state.held[start]
+
+    def learn_edge(self, metrics: ServiceMetrics) -> None:
+        """Take a caller -> callee row: what the caller saw of the callee in that window.
+
+        The callee's windows are then judged with it too; the edge learns its own history as
+        its windows close (unless the callee's window was held back)."""
+        if metrics.peer_service is None:
+            raise ValueError(f"{metrics.namespace}/{metrics.service}: not an edge row (no "
+                             "peer_service); score it with process")
+        callee = (metrics.peer_namespace or metrics.namespace, metrics.peer_service)
+        caller = f"{metrics.namespace}/{metrics.service}"
+        edges = self._edges.setdefault(callee, {})
+        edge = edges.get(caller)
+        if edge is None:
+            edge = edges[caller] = _Edge(
+                caller, ServiceBaseline(self.baseline_windows, features=EDGE_FEATURES),
+                window_seconds=metrics.window_seconds)
+        if edge.window_start_us is not None and metrics.window_start_us != edge.window_start_us:
+            if metrics.window_start_us < edge.window_start_us:
+                return  # late: the edge's history has moved on
+            if edge.revisions:
+                # The window closed before is learned now (its callee's verdict is in by
+                # now), so a window being judged is never part of its own history.
+                if edge.closed is not None:
+                    state = self._services.get(callee)
+                    if state is None or not state.held.get(edge.closed[0], False):
+                        edge.baseline.learn(edge.closed[1])
+                edge.closed = (edge.window_start_us, *edge.pending())
+            edge.revisions = {}
+        edge.window_start_us = metrics.window_start_us
+        edge.window_seconds = metrics.window_seconds
+        edge.revisions[metrics.revision] = (
+            edge_vector(metrics.requests, metrics.window_seconds, metrics.latency_p50_ms,
+                        metrics.latency_p90_ms, metrics.latency_p99_ms),
+            float(metrics.requests))
 
     def process(self, metrics: ServiceMetrics, *, now_us: int | None = None) -> Anomaly:
-        """Score a window, then learn it unless it was anomalous."""
-        anomaly = self.score_one(metrics, now_us=now_us)
-        self.learn_one(metrics, anomalous=anomaly.verdict == "anomalous")
+        """Score a window, then learn it unless it was anomalous (or nearly: see the module's
+        docstring)."""
+        anomaly, p = self._score(metrics, now_us)
+        state = self._state(metrics)
+        if np.isfinite(p):
+            recent = state.p_values.setdefault(metrics.revision, {})
+            recent[metrics.window_start_us] = p
+            for start in sorted(recent)[:-2]:
+                del recent[start]
+        hold = anomaly.verdict == "anomalous" or (
+            anomaly.detector == ONLINE_DETECTOR and np.isfinite(p) and p <= self.hold_back_p)
+        self.learn_one(metrics, anomalous=hold)
         return anomaly
 
     def history_windows(self, namespace: str, service: str) -> int:
@@ -196,7 +429,8 @@ def _advanced(state: _Service, baseline_windows: int) -> ServiceBaseline:
     normal = [v for rev, v in state.revisions.items() if rev not in state.anomalous]
     if not normal:
         return state.baseline
-    preview = ServiceBaseline(baseline_windows, state.baseline.history.copy())
+    preview = ServiceBaseline(baseline_windows, state.baseline.history.copy(),
+                              state.baseline.features)
     preview.learn(combine_revisions(normal))
     return preview
 

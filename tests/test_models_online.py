@@ -26,13 +26,32 @@ def test_inconclusive_with_a_reason_until_enough_windows() -> None:
 
 def test_too_little_traffic_is_inconclusive_not_normal() -> None:
     frame = synthetic_metrics(windows=20, services=("cart",))
-    frame["requests"] = 2
+    frame["requests"] = 1
     frame["errors"] = 0
     frame["error_rate"] = 0.0
     scorer = OnlineScorer(min_requests=10)
     verdicts = [scorer.process(m) for m in as_records(frame)]
     assert verdicts[-1].verdict == "inconclusive"
-    assert verdicts[-1].reason.startswith("too little traffic: 2 requests")
+    assert verdicts[-1].reason.startswith("too little traffic: 1 requests")
+
+
+def test_a_thin_but_steady_service_is_judged_on_its_median_against_its_own_thin_windows(
+        ) -> None:
+    # A service with ~3 requests per window (an e-mail or payment service) is judged against
+    # its own equally thin history; its p90/p99 (the slowest request) are not.
+    frame = synthetic_metrics(windows=40, services=("email",),
+                              spikes={("email", i): {"latency": 50.0} for i in (30, 31)})
+    frame["requests"] = 3
+    frame["errors"] = 0
+    frame["error_rate"] = 0.0
+    one_slow = frame["window_start_us"] == frame["window_start_us"].iloc[20]
+    frame.loc[one_slow, ["latency_p90_ms", "latency_p99_ms"]] *= 40  # one slow request
+    scorer = OnlineScorer(min_requests=10)
+    verdicts = [scorer.process(m) for m in as_records(frame)]
+    assert all(v.verdict != "inconclusive" for v in verdicts[6:])
+    assert verdicts[20].verdict == "normal"
+    assert [i for i, v in enumerate(verdicts) if v.verdict == "anomalous"] == [30, 31]
+    assert verdicts[30].contributions[0].feature == "latency_p50_ms"
 
 
 def test_learns_online_and_flags_a_latency_spike_without_learning_it() -> None:
