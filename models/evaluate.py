@@ -5,9 +5,12 @@ look-ahead) and scored by NAB's standard profile against ``labels/combined_windo
 
 (b) **Nezha OnlineBoutique day**: the recorded spans are read by the replay's own reader
 (``collectors.replay.replay_spans``, which merges overlapping minute files and drops the spans
-they repeat), aggregated into 10 s windows by ``analytics.windows.aggregate`` (the stream's own
-code), and the service rows are scored in time order by :class:`models.online.OnlineScorer`,
-learning online from nothing, as a fresh deployment would. Then, per injected fault, was the
+they repeat), given the span kinds the recording lost (:func:`infer_span_kinds`), aggregated
+into 10 s windows by ``analytics.windows.aggregate`` (the stream's own code), and the rows are
+given in the aggregation's order (window by window, each window's rows sorted by key) to
+:class:`models.online.OnlineScorer`, learning online from nothing, as a fresh deployment would:
+service rows are scored, caller -> callee rows are what callers saw of their callees
+(:meth:`~models.online.OnlineScorer.learn_edge`). Then, per injected fault, was the
 injected service flagged in a window that ends after ``inject_time`` and starts within two
 minutes of it, and how long after ``inject_time`` did that window end (data time)? A fault with
 no scorable window of its service in those two minutes is "no data" (the day has no trace files
@@ -17,20 +20,32 @@ every fault is a false alarm; consecutive ones of one service are one alarm epis
 The recording is a set of minute files with gaps between them, so the first and last window of
 each stretch of data hold only part of their ten seconds; they are not scored (a live stream
 has no such edges).
+
+Span kinds: the Nezha export has no kind column, so the replay says ``unspecified``, which the
+aggregation counts as a request of the span's own service. Without the kinds, a service's
+"requests" were every span of its pod: its handler, each call it made to another service and
+each internal step (``sql.conn.query``, ``CurrencyService/Carry``), so its latency quantiles
+were mostly of those, and there were no caller -> callee rows at all. The trace structure
+says what a mesh would have said: a span with a child in another service is a client span of
+a call to that service, a span whose parent is in another service (or a trace's root) is a
+server span, and a span whose parent is in its own service is internal.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from clover import records
-from clover.records import Anomaly, ServiceMetrics, SpanRecord
+from clover.records import Anomaly, ServiceMetrics, SpanKind, SpanRecord
 from models.nab import (
     NabResult,
     StreamingScorer,
@@ -41,6 +56,9 @@ from models.nab import (
     score_series,
 )
 from models.online import OnlineScorer
+
+if TYPE_CHECKING:
+    from collectors.ingest import BatchResult, Candidate
 
 DETECTION_S = 120
 FAULT_S = 150
@@ -92,14 +110,14 @@ class _Collector:
     def request(self, receiver: str) -> None:
         pass
 
-    def submit(self, receiver: str, candidates: Iterable) -> object:
+    def submit(self, receiver: str, candidates: Iterable[Candidate]) -> BatchResult:
         from collectors.ingest import BatchResult, Rejection
 
         result = BatchResult()
         for index, candidate in enumerate(candidates):
             try:
                 if candidate.span is None:
-                    raise records.RecordError(SpanRecord, [("", "row", candidate.problem)])
+                    raise records.RecordError(SpanRecord, [("", "row", candidate.problem or "unreadable")])
                 self.spans.append(records.from_dict(SpanRecord, candidate.span))
                 result.accepted += 1
             except records.RecordError as exc:
@@ -167,16 +185,68 @@ def read_faults(directory: Path) -> list[Fault]:
                    for hour in grouped.values() for f in hour), key=lambda f: f.inject_us)
 
 
-def nezha_metrics(directory: Path, window_seconds: int = 10) -> list[ServiceMetrics]:
-    """The day's service windows, through the replay's reader and the stream's aggregation,
-    without the partial windows at the edges of each stretch of recorded data."""
-    from analytics.windows import aggregate
+def infer_span_kinds(spans: Sequence[SpanRecord]) -> list[SpanRecord]:
+    """The spans with the kinds (and callee) their traces' structure gives; spans that already
+    have a kind other than ``unspecified`` are left as they are.
+
+    A span with a child span in another service is the ``client`` span of a call to that
+    service (``peer_service``: the service most of those children are in); otherwise a span
+    whose parent is in another service, or that is a trace's root, is the ``server`` span of
+    a request; a span whose parent is in its own service is ``internal``; a span whose parent
+    is not in the recording stays ``unspecified``."""
+    by_id = {(s.trace_id, s.span_id): s for s in spans}
+    callees: dict[tuple[str, str], Counter[str]] = {}
+    for span in spans:
+        parent = by_id.get((span.trace_id, span.parent_span_id)) \
+            if span.parent_span_id is not None else None
+        if parent is not None and parent.service != span.service:
+            callees.setdefault((parent.trace_id, parent.span_id), Counter())[span.service] += 1
+    out = []
+    for span in spans:
+        if span.kind != "unspecified":
+            out.append(span)
+            continue
+        called = callees.get((span.trace_id, span.span_id))
+        if called:
+            out.append(dataclasses.replace(span, kind="client", peer_namespace=span.namespace,
+                                           peer_service=called.most_common(1)[0][0]))
+            continue
+        kind: SpanKind
+        if span.parent_span_id is None:
+            kind = "server"
+        else:
+            parent = by_id.get((span.trace_id, span.parent_span_id))
+            kind = "unspecified" if parent is None else \
+                "server" if parent.service != span.service else "internal"
+        out.append(span if kind == "unspecified" else dataclasses.replace(span, kind=kind))
+    return out
+
+
+def nezha_spans(directory: Path, *, kinds: bool = True) -> list[SpanRecord]:
+    """The day's spans through the replay's reader; with ``kinds``, given the kinds their
+    traces' structure says (:func:`infer_span_kinds`)."""
     from collectors.replay import replay_spans
 
     collector = _Collector()
     paths = sorted((directory / "trace").glob("*_trace.csv*"))
     replay_spans(collector, paths, speed=None, namespace="hipstershop")
-    ends = sorted(s.start_us + s.duration_us for s in collector.spans)
+    return infer_span_kinds(collector.spans) if kinds else collector.spans
+
+
+def nezha_metrics(directory: Path, window_seconds: int = 10, *,
+                  kinds: bool = True) -> list[ServiceMetrics]:
+    """The day's windows (service and caller -> callee rows, in the aggregation's order),
+    through the replay's reader and the stream's aggregation, without the partial windows at
+    the edges of each stretch of recorded data."""
+    return whole_windows(nezha_spans(directory, kinds=kinds), window_seconds)
+
+
+def whole_windows(spans: Sequence[SpanRecord], window_seconds: int = 10) -> list[ServiceMetrics]:
+    """The spans aggregated by the stream's code, without the partial windows at the edges of
+    each stretch of recorded data (a gap of more than ``STRETCH_GAP_S`` ends a stretch)."""
+    from analytics.windows import aggregate
+
+    ends = sorted(s.start_us + s.duration_us for s in spans)
     stretches: list[list[int]] = []
     for end in ends:
         if stretches and end - stretches[-1][1] <= STRETCH_GAP_S * 1_000_000:
@@ -189,17 +259,24 @@ def nezha_metrics(directory: Path, window_seconds: int = 10) -> list[ServiceMetr
         start = metrics.window_start_us
         return any(a <= start and start + window_us <= b for a, b in stretches)
 
-    metrics = aggregate(collector.spans, window_seconds=window_seconds)
+    metrics = aggregate(spans, window_seconds=window_seconds)
     return [m for m in metrics if whole(m)]
 
 
-def evaluate_nezha(directory: Path, scorer: OnlineScorer,
-                   window_seconds: int = 10) -> NezhaResult:
+def evaluate_nezha(directory: Path, scorer: OnlineScorer, window_seconds: int = 10, *,
+                   metrics: Sequence[ServiceMetrics] | None = None) -> NezhaResult:
+    """Score the day's windows (``metrics``, else :func:`nezha_metrics` of ``directory``) in
+    their order and count each fault and each false alarm (see the module's docstring)."""
     faults = read_faults(directory)
-    rows = sorted((m for m in nezha_metrics(directory, window_seconds) if m.peer_service is None),
-                  key=lambda m: (m.window_start_us, m.service, m.revision))
-    anomalies = [scorer.process(m, now_us=m.window_start_us + window_seconds * 1_000_000)
-                 for m in rows]
+    if metrics is None:
+        metrics = nezha_metrics(directory, window_seconds)
+    anomalies = []
+    for m in metrics:
+        if m.peer_service is not None:
+            scorer.learn_edge(m)
+        else:
+            anomalies.append(scorer.process(
+                m, now_us=m.window_start_us + window_seconds * 1_000_000))
     window_us = window_seconds * 1_000_000
     for fault in faults:
         late = fault.inject_us + DETECTION_S * 1_000_000
@@ -219,7 +296,7 @@ def evaluate_nezha(directory: Path, scorer: OnlineScorer,
 
     free_windows = {a.window_start_us for a in anomalies if not fault_time(a)}
     false_alarms = [a for a in anomalies if a.verdict == "anomalous" and not fault_time(a)]
-    episodes, last = 0, {}
+    episodes, last = 0, dict[str, int]()
     for a in false_alarms:
         if last.get(a.service) != a.window_start_us - window_us:
             episodes += 1
