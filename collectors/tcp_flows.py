@@ -4,7 +4,9 @@ kernel has none).
 
 The BPF program (bpf/tcp_flows.c) keeps one entry per live connection and sends one ring-buffer
 event per closed connection; counters come straight from the socket at offsets read from the
-running kernel's BTF, because the headers BCC compiles against do not match its layouts.
+running kernel's BTF, because the headers BCC compiles against do not match its layouts. Its
+programs are raw tracepoints (the tracepoint's arguments only, no perf record filled in for
+every state change, send and receive), and fields used together are copied in one read.
 
 Records leave as ready-encoded Kafka messages (key, flow.v1 JSON), built from plain dicts in
 FlowRecord's field order: at 100k+ records/s the dataclasses, a per-record attribution
@@ -36,14 +38,40 @@ PROGRAM = Path(__file__).with_name("bpf") / "tcp_flows.c"
 
 # Kernel fields the program reads, by the macro it reads them with.
 OFFSETS: dict[str, tuple[str, str]] = {
+    "SK_PROTOCOL": ("sock", "sk_protocol"),
+    "SKC_DADDR": ("sock", "__sk_common.skc_daddr"),
+    "SKC_RCV_SADDR": ("sock", "__sk_common.skc_rcv_saddr"),
+    "SKC_DPORT": ("sock", "__sk_common.skc_dport"),
+    "SKC_NUM": ("sock", "__sk_common.skc_num"),
+    "SKC_FAMILY": ("sock", "__sk_common.skc_family"),
+    "SKC_NET": ("sock", "__sk_common.skc_net"),
+    "SKC_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
+    "SKC_V6_RCV_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr"),
     "TCP_BYTES_ACKED": ("tcp_sock", "bytes_acked"),
     "TCP_BYTES_RECEIVED": ("tcp_sock", "bytes_received"),
     "TCP_SEGS_IN": ("tcp_sock", "segs_in"),
     "TCP_SEGS_OUT": ("tcp_sock", "segs_out"),
     "TCP_SRTT_US": ("tcp_sock", "srtt_us"),
-    "SKC_NET": ("sock", "__sk_common.skc_net"),
     "NET_NS_INUM": ("net", "ns.inum"),
 }
+# Fields the program reads together, in one copy of the span of the struct that holds them
+# (SKC_WINDOW_START/_LEN, TCP_WINDOW_START/_LEN): one helper call instead of one per field.
+WINDOWS = {"SKC": ("SKC_",), "TCP": ("TCP_",)}
+MAX_WINDOW = 320  # bytes of BPF stack a window may take; wider, the fields are read one by one
+
+
+def window_cflags(btf: Btf) -> list[str]:
+    """-D macros: each field's offset, and the 8-aligned start and length of each window."""
+    offsets = btf.offsets(OFFSETS)
+    macros = {**offsets, "MAX_WINDOW": MAX_WINDOW}
+    for window, prefixes in WINDOWS.items():
+        fields = [m for m in OFFSETS if m.startswith(prefixes)]
+        start = min(offsets[m] for m in fields) // 8 * 8
+        end = max(offsets[m] + btf.member_size(*OFFSETS[m]) for m in fields)
+        macros[f"{window}_WINDOW_START"] = start
+        macros[f"{window}_WINDOW_LEN"] = -(-(end - start) // 8) * 8
+    return as_cflags(macros)
+
 
 Attribute = Callable[[str, int | None], Endpoint]
 Emit = Callable[[bytes, bytes], None]  # takes (Kafka key, flow.v1 JSON value)
@@ -105,7 +133,7 @@ class TcpFlowCollector:
         bpf_environment(self.headers_dir)
         btf = self._btf or Btf.load()
         cflags = [
-            *as_cflags(btf.offsets(OFFSETS)),
+            *window_cflags(btf),
             f"-DMAX_CONNS={self.max_connections}",
             f"-DRINGBUF_PAGES={self.ring_buffer_pages}",
             f"-DSNAPSHOT_NS={int(self.snapshot_interval_s * 1e9)}",

@@ -1,10 +1,19 @@
 // TCP connection lifecycle, in the manner of BCC's tcplife: one event per connection when it
 // closes, with counters read from the socket, plus in-kernel snapshots of live connections.
 //
+// Raw tracepoints (BPF_PROG_TYPE_RAW_TRACEPOINT): the program gets the tracepoint's own
+// arguments (the socket, the states) and reads only what it needs from the socket, only when
+// it needs it. For a classic tracepoint program the kernel first fills in the event's whole
+// record (addresses, ports, ...) in a perf buffer on every state change, send and receive.
+//
 // Struct layouts of this kernel differ from the headers BCC compiles against, so every field
 // of struct sock / tcp_sock / net is read at a byte offset taken from the running kernel's BTF
-// and passed in as a -D macro (see collectors/btf.py): TCP_BYTES_ACKED, TCP_BYTES_RECEIVED,
-// TCP_SEGS_IN, TCP_SEGS_OUT, TCP_SRTT_US, SKC_NET, NET_NS_INUM. Also -D MAX_CONNS, SNAPSHOT_NS.
+// and passed in as a -D macro (see collectors/btf.py and OFFSETS in collectors/tcp_flows.py):
+// SK_PROTOCOL, SKC_* (struct sock_common), TCP_* (struct tcp_sock), NET_NS_INUM.
+// Fields read together are read in one copy of the span that holds them (a "window"): the
+// SKC_WINDOW_* and TCP_WINDOW_* macros give its start (8-aligned) and length, also from BTF;
+// where a kernel spreads them wider than MAX_WINDOW bytes, each field is read on its own.
+// Also -D MAX_CONNS, RINGBUF_PAGES, SNAPSHOT_NS.
 
 #include <uapi/linux/ptrace.h>
 
@@ -64,44 +73,81 @@ static __always_inline void count_lost(int which) {
         (*n)++;
 }
 
+// The TYPE field at byte offset OFF of a kernel struct, from W (a u64 array) that holds a copy
+// of that struct from byte START on.
+#define FIELD(W, START, OFF, TYPE) (*(TYPE *)((u8 *)(W) + (OFF) - (START)))
+
+// Counters of the connection, straight from its tcp_sock.
 static __always_inline void read_counters(void *sk, struct conn_t *c) {
-    u32 srtt = 0;
+#if TCP_WINDOW_LEN <= MAX_WINDOW
+    u64 w[TCP_WINDOW_LEN / 8];
+    bpf_probe_read_kernel(w, sizeof(w), sk + TCP_WINDOW_START);
+    c->bytes_acked = FIELD(w, TCP_WINDOW_START, TCP_BYTES_ACKED, u64);
+    c->bytes_received = FIELD(w, TCP_WINDOW_START, TCP_BYTES_RECEIVED, u64);
+    c->segs_in = FIELD(w, TCP_WINDOW_START, TCP_SEGS_IN, u32);
+    c->segs_out = FIELD(w, TCP_WINDOW_START, TCP_SEGS_OUT, u32);
+    u32 srtt = FIELD(w, TCP_WINDOW_START, TCP_SRTT_US, u32);
+#else
+    u32 srtt = 0, segs = 0;
     bpf_probe_read_kernel(&c->bytes_acked, 8, sk + TCP_BYTES_ACKED);
     bpf_probe_read_kernel(&c->bytes_received, 8, sk + TCP_BYTES_RECEIVED);
-    u32 segs = 0;
     bpf_probe_read_kernel(&segs, 4, sk + TCP_SEGS_IN);
     c->segs_in = segs;
     bpf_probe_read_kernel(&segs, 4, sk + TCP_SEGS_OUT);
     c->segs_out = segs;
     bpf_probe_read_kernel(&srtt, 4, sk + TCP_SRTT_US);
+#endif
     c->srtt_us = srtt >> 3;  // the kernel keeps srtt_us in units of 1/8 microsecond
 }
 
-static __always_inline u32 read_netns(void *sk) {
-    void *net = 0;
-    u32 inum = 0;
+// Addresses and ports (host byte order) as the classic tracepoint's record has them, and the
+// network namespace, from the socket's sock_common (skc_num and skc_rcv_saddr are what
+// inet_sport and inet_saddr hold for a connected socket).
+static __always_inline void store_addrs(void *sk, struct conn_t *c) {
+    u16 family, dport;
+    void *net;
+#if SKC_WINDOW_LEN <= MAX_WINDOW
+    u64 w[SKC_WINDOW_LEN / 8];
+    bpf_probe_read_kernel(w, sizeof(w), sk + SKC_WINDOW_START);
+    family = FIELD(w, SKC_WINDOW_START, SKC_FAMILY, u16);
+    dport = FIELD(w, SKC_WINDOW_START, SKC_DPORT, u16);
+    c->sport = FIELD(w, SKC_WINDOW_START, SKC_NUM, u16);
+    net = FIELD(w, SKC_WINDOW_START, SKC_NET, void *);
+    if (family == FAMILY_INET6) {
+        __builtin_memcpy(c->saddr, (u8 *)w + SKC_V6_RCV_SADDR - SKC_WINDOW_START, 16);
+        __builtin_memcpy(c->daddr, (u8 *)w + SKC_V6_DADDR - SKC_WINDOW_START, 16);
+    } else {
+        __builtin_memset(c->saddr, 0, 16);
+        __builtin_memset(c->daddr, 0, 16);
+        __builtin_memcpy(c->saddr, (u8 *)w + SKC_RCV_SADDR - SKC_WINDOW_START, 4);
+        __builtin_memcpy(c->daddr, (u8 *)w + SKC_DADDR - SKC_WINDOW_START, 4);
+    }
+#else
+    u16 sport = 0;
+    family = dport = 0;
+    net = 0;
+    bpf_probe_read_kernel(&family, 2, sk + SKC_FAMILY);
+    bpf_probe_read_kernel(&dport, 2, sk + SKC_DPORT);
+    bpf_probe_read_kernel(&sport, 2, sk + SKC_NUM);
     bpf_probe_read_kernel(&net, sizeof(net), sk + SKC_NET);
+    c->sport = sport;
+    if (family == FAMILY_INET6) {
+        bpf_probe_read_kernel(c->saddr, 16, sk + SKC_V6_RCV_SADDR);
+        bpf_probe_read_kernel(c->daddr, 16, sk + SKC_V6_DADDR);
+    } else {
+        __builtin_memset(c->saddr, 0, 16);
+        __builtin_memset(c->daddr, 0, 16);
+        bpf_probe_read_kernel(c->saddr, 4, sk + SKC_RCV_SADDR);
+        bpf_probe_read_kernel(c->daddr, 4, sk + SKC_DADDR);
+    }
+#endif
+    c->family = family;
+    c->dport = __builtin_bswap16(dport);
+    u32 inum = 0;
     if (net)
         bpf_probe_read_kernel(&inum, 4, net + NET_NS_INUM);
-    return inum;
+    c->netns = inum;
 }
-
-// The tracepoint's own copy of the addresses, in host byte order for the ports.
-#define STORE_ADDRS(c, args)                                                   \
-    do {                                                                       \
-        (c)->family = (args)->family;                                          \
-        (c)->sport = (args)->sport;                                            \
-        (c)->dport = (args)->dport;                                            \
-        if ((args)->family == FAMILY_INET6) {                                  \
-            bpf_probe_read_kernel((c)->saddr, 16, (args)->saddr_v6);           \
-            bpf_probe_read_kernel((c)->daddr, 16, (args)->daddr_v6);           \
-        } else {                                                               \
-            __builtin_memset((c)->saddr, 0, 16);                               \
-            __builtin_memset((c)->daddr, 0, 16);                               \
-            bpf_probe_read_kernel((c)->saddr, 4, (args)->saddr);               \
-            bpf_probe_read_kernel((c)->daddr, 4, (args)->daddr);               \
-        }                                                                      \
-    } while (0)
 
 static __always_inline void read_task(struct conn_t *c) {
     c->pid = bpf_get_current_pid_tgid() >> 32;
@@ -109,28 +155,33 @@ static __always_inline void read_task(struct conn_t *c) {
     bpf_get_current_comm(&c->comm, sizeof(c->comm));
 }
 
-TRACEPOINT_PROBE(sock, inet_sock_set_state) {
-    if (args->protocol != PROTO_TCP)
-        return 0;
-    u64 sk = (u64)args->skaddr;
-    int state = args->newstate;
+// trace_inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate)
+RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
+    void *skp = (void *)ctx->args[0];
+    int old = (int)ctx->args[1];
+    int state = (int)ctx->args[2];
+    u64 sk = (u64)skp;
 
     if (state == ST_SYN_SENT || state == ST_SYN_RECV) {
+        u16 protocol = 0;
+        bpf_probe_read_kernel(&protocol, 2, skp + SK_PROTOCOL);
+        if (protocol != PROTO_TCP)
+            return 0;
         struct conn_t c = {};
         c.start_ns = bpf_ktime_get_ns();
         c.active = state == ST_SYN_SENT;
         if (c.active)
             read_task(&c);  // connect() runs in the caller's context
-        c.netns = read_netns((void *)sk);
         if (live.insert(&sk, &c) != 0 && !live.lookup(&sk))
             count_lost(1);
         return 0;
     }
+    // Only TCP sockets are in the table: a hit says it is TCP.
     struct conn_t *c = live.lookup(&sk);
     if (!c)
-        return 0;  // opened before the collector attached
+        return 0;  // not TCP, or opened before the collector attached
     if (state == ST_ESTABLISHED) {
-        STORE_ADDRS(c, args);
+        store_addrs(skp, c);  // and the network namespace
         c->established = 1;
         return 0;
     }
@@ -148,9 +199,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         return 0;
     }
     e->conn = *c;
-    read_counters((void *)sk, &e->conn);
+    read_counters(skp, &e->conn);
     e->end_ns = bpf_ktime_get_ns();
-    int old = args->oldstate;
     // Closing straight from these states means the connection was aborted, not shut down.
     if (old == ST_ESTABLISHED || old == ST_SYN_SENT || old == ST_SYN_RECV ||
         old == ST_CLOSE_WAIT || old == ST_FIN_WAIT1)
@@ -165,7 +215,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             e->conn.fin_out_acked = 1;
     }
     e->oldstate = old;
-    STORE_ADDRS(&e->conn, args);
+    // An established connection's addresses were stored then and have not changed since.
+    if (!c->established)
+        store_addrs(skp, &e->conn);
     // No wakeup per event: user space drains the buffer in batches (a wakeup per closed
     // connection would cost more than the event itself).
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
@@ -173,37 +225,39 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     return 0;
 }
 
-TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
-    u64 sk = (u64)args->skaddr;
+// trace_tcp_receive_reset(struct sock *sk)
+RAW_TRACEPOINT_PROBE(tcp_receive_reset) {
+    u64 sk = ctx->args[0];
     struct conn_t *c = live.lookup(&sk);
     if (c)
         c->reset = 1;
     return 0;
 }
 
-// Every send and receive on a tracked socket: learn the owner of an accepted socket, and
-// refresh the counters of a long-lived connection at most once per SNAPSHOT_NS.
-static __always_inline int on_io(void *skaddr, u16 protocol) {
-    if (protocol != PROTO_TCP)
-        return 0;
-    u64 sk = (u64)skaddr;
-    struct conn_t *c = live.lookup(&sk);
+// Every send and receive that moved data on a tracked socket: learn the owner of an accepted
+// socket, and refresh the counters of a long-lived connection at most once per SNAPSHOT_NS.
+// trace_sock_send_length / trace_sock_recv_length(struct sock *sk, int ret, int flags)
+static __always_inline int on_io(struct bpf_raw_tracepoint_args *ctx) {
+    if ((int)ctx->args[1] <= 0)
+        return 0;  // an error, or the end of the stream: nothing moved
+    u64 sk = ctx->args[0];
+    struct conn_t *c = live.lookup(&sk);  // only TCP sockets are in the table
     if (!c)
         return 0;
     if (c->pid == 0)
         read_task(c);
     u64 now = bpf_ktime_get_ns();
     if (now - c->snapshot_ns >= SNAPSHOT_NS) {
-        read_counters(skaddr, c);
+        read_counters((void *)sk, c);
         c->snapshot_ns = now;
     }
     return 0;
 }
 
-TRACEPOINT_PROBE(sock, sock_send_length) {
-    return on_io(args->sk, args->protocol);
+RAW_TRACEPOINT_PROBE(sock_send_length) {
+    return on_io(ctx);
 }
 
-TRACEPOINT_PROBE(sock, sock_recv_length) {
-    return on_io(args->sk, args->protocol);
+RAW_TRACEPOINT_PROBE(sock_recv_length) {
+    return on_io(ctx);
 }
