@@ -85,13 +85,16 @@ def feature_tails(z: np.ndarray, features: Sequence[str], history: int | None = 
 
 
 def contributions(z: np.ndarray, features: Sequence[str], values: Sequence[float],
-                  baselines: Sequence[float], top: int = 3) -> list[Contribution]:
+                  baselines: Sequence[float], top: int = 3,
+                  two_sided: frozenset[str] = frozenset()) -> list[Contribution]:
     """The ``top`` features that pushed one row's score most, with their values and baselines.
 
     ``weight`` is the robust z-score (how many standard deviations from the baseline, signed);
-    a fall of a feature where only a rise hurts does not count.
+    a fall of a feature where only a rise hurts (and that is not in ``two_sided``) does not
+    count.
     """
-    weight = np.where([direction_of(f) == 1 for f in features], np.clip(z, 0, None), np.abs(z))
+    weight = np.where([direction_of(f) == 1 and f not in two_sided for f in features],
+                      np.clip(z, 0, None), np.abs(z))
     order = [i for i in np.argsort(-np.nan_to_num(weight, nan=-1.0)) if np.isfinite(z[i])]
     found = []
     for i in order[:top]:

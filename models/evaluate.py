@@ -117,7 +117,8 @@ class _Collector:
         for index, candidate in enumerate(candidates):
             try:
                 if candidate.span is None:
-                    raise records.RecordError(SpanRecord, [("", "row", candidate.problem or "unreadable")])
+                    problem = candidate.problem or "unreadable row"
+                    raise records.RecordError(SpanRecord, [("", "row", problem)])
                 self.spans.append(records.from_dict(SpanRecord, candidate.span))
                 result.accepted += 1
             except records.RecordError as exc:

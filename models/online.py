@@ -143,33 +143,42 @@ class _Evidence:
     tails: list[float] = field(default_factory=list)
     values: list[float] = field(default_factory=list)  # raw units
     baselines: list[float] = field(default_factory=list)
+    thin: list[bool] = field(default_factory=list)  # from fewer than min_requests requests
 
     def add(self, names: Sequence[str], labels: Sequence[str], z: np.ndarray, history: int,
-            values: Sequence[float], baselines: Sequence[float]) -> None:
+            values: Sequence[float], baselines: Sequence[float], thin: bool = False) -> None:
         self.names += list(names)
         self.labels += list(labels)
         self.z += [float(v) for v in z]
         self.tails += [float(t) for t in feature_tails(z, names, history, _TWO_SIDED)]
         self.values += list(values)
         self.baselines += list(baselines)
+        self.thin += [thin] * len(names)
 
-    def p_value(self) -> float:
-        """The smallest tail, Bonferroni-corrected for the tails counted; NaN for none."""
+    def p_value(self, *, thin: bool = True) -> float:
+        """The smallest tail, Bonferroni-corrected for all the tails counted (NaN for none);
+        without ``thin``, the smallest of the tails that do not rest on a thin window (1 when
+        there are none)."""
         tails = np.array(self.tails, dtype=float)
         counted = np.isfinite(tails)
         if not counted.any():
             return float("nan")
-        return float(min(1.0, np.min(tails[counted]) * counted.sum()))
+        usable = counted if thin else counted & ~np.array(self.thin, dtype=bool)
+        if not usable.any():
+            return 1.0
+        return float(min(1.0, np.min(tails[usable]) * counted.sum()))
 
 
-def persistent_p_value(p: float, previous: float | None) -> float:
+def persistent_p_value(p: float, previous: float | None, decisive: float | None = None) -> float:
     """The p-value of "this window decisively, or it and the previous one together" (see the
-    module's docstring); ``previous`` None when the window before was not scored."""
+    module's docstring); ``previous`` None when the window before was not scored;
+    ``decisive`` (default ``p``) the part of the evidence that may decide alone."""
     if not np.isfinite(p):
         return p
-    if previous is None or not np.isfinite(previous):
-        return p
-    q = min(float(np.sqrt(p)), max(previous, p))
+    decisive = p if decisive is None else max(decisive, p)
+    q = float(np.sqrt(decisive))
+    if previous is not None and np.isfinite(previous):
+        q = min(q, max(previous, p))
     return min(1.0, q + q * q)
 
 
@@ -241,7 +250,7 @@ class OnlineScorer:
                 kind = "anomalous" if score >= self.threshold else "normal"
             found = [] if evidence is None else contributions(
                 np.array(evidence.z, dtype=float), evidence.names, evidence.values,
-                evidence.baselines, self.top_contributions)
+                evidence.baselines, self.top_contributions, _TWO_SIDED)
             if evidence is not None:
                 labels = dict(zip(evidence.names, evidence.labels, strict=True))
                 for c in found:
@@ -280,14 +289,15 @@ class OnlineScorer:
         evidence.add(_OWN_NAMES, list(BASE_FEATURES) + [f"{f} vs other revisions"
                                                           for f in BASE_FEATURES],
                      np.concatenate([z, rev]), len(history), raw_values + raw_values,
-                     raw_medians + raw_medians)
+                     raw_medians + raw_medians, thin=metrics.requests < self.min_requests)
         self._edge_evidence(metrics, evidence)
         p = evidence.p_value()
-        previous = None
         if self.persistence:
             previous = state.p_values.get(metrics.revision, {}).get(
                 metrics.window_start_us - metrics.window_seconds * 1_000_000)
-        score = 1.0 - persistent_p_value(p, previous)
+            score = 1.0 - persistent_p_value(p, previous, evidence.p_value(thin=False))
+        else:
+            score = 1.0 - p
         reason = None if self.model is None else f"{key} is not in the trained model: scored " \
             "against its recent history"
         return verdict(score, reason, ONLINE_DETECTOR, evidence), p
@@ -297,7 +307,7 @@ class OnlineScorer:
         against a history whose windows usually hold ``usual`` requests."""
         if requests >= self.min_requests:
             return True
-        return bool(usual < self.min_requests and requests >= max(2.0, usual / 2.0))
+        return bool(1.0 <= usual < self.min_requests and requests >= 1)
 
     def _edge_evidence(self, metrics: ServiceMetrics, evidence: _Evidence) -> None:
         """Add what each caller saw of this service in this window (or the one before)."""
@@ -324,7 +334,8 @@ class OnlineScorer:
                          [to_raw(f, v) for f, v in zip(EDGE_SCORED, vector[_EDGE_SCORED],
                                                        strict=True)],
                          [to_raw(f, m) for f, m in zip(EDGE_SCORED, medians[_EDGE_SCORED],
-                                                       strict=True)])
+                                                       strict=True)],
+                         thin=requests < self.min_requests)
 
     def learn_one(self, metrics: ServiceMetrics, *, anomalous: bool = False) -> None:
         """Add one window to its service's history (``anomalous`` windows are held back)."""

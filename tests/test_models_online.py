@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from clover import records
@@ -25,14 +26,16 @@ def test_inconclusive_with_a_reason_until_enough_windows() -> None:
 
 
 def test_too_little_traffic_is_inconclusive_not_normal() -> None:
+    # A service that usually has no request in a window (only connections, say).
     frame = synthetic_metrics(windows=20, services=("cart",))
-    frame["requests"] = 1
+    frame["requests"] = 0
     frame["errors"] = 0
-    frame["error_rate"] = 0.0
+    frame[["error_rate", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms"]] = None
+    frame.loc[frame.index[-1], ["requests", "latency_p50_ms"]] = [1, 30.0]
     scorer = OnlineScorer(min_requests=10)
     verdicts = [scorer.process(m) for m in as_records(frame)]
     assert verdicts[-1].verdict == "inconclusive"
-    assert verdicts[-1].reason.startswith("too little traffic: 1 requests")
+    assert verdicts[-1].reason.startswith("too little traffic: 1 requests in the window and ~0")
 
 
 def test_a_thin_but_steady_service_is_judged_on_its_median_against_its_own_thin_windows(
@@ -50,8 +53,9 @@ def test_a_thin_but_steady_service_is_judged_on_its_median_against_its_own_thin_
     verdicts = [scorer.process(m) for m in as_records(frame)]
     assert all(v.verdict != "inconclusive" for v in verdicts[6:])
     assert verdicts[20].verdict == "normal"
-    assert [i for i, v in enumerate(verdicts) if v.verdict == "anomalous"] == [30, 31]
-    assert verdicts[30].contributions[0].feature == "latency_p50_ms"
+    # A thin window does not decide alone: the second one in a row confirms the first.
+    assert [i for i, v in enumerate(verdicts) if v.verdict == "anomalous"] == [31]
+    assert verdicts[31].contributions[0].feature == "latency_p50_ms"
 
 
 def test_learns_online_and_flags_a_latency_spike_without_learning_it() -> None:
@@ -107,3 +111,100 @@ def test_edge_rows_are_refused() -> None:
     edge = dataclasses.replace(as_records(synthetic_metrics(windows=1))[0], peer_service="db")
     with pytest.raises(ValueError, match="edge rows are not scored"):
         OnlineScorer().score_one(edge)
+
+
+def _edges(frame, caller: str = "frontend", factor: dict[int, float] | None = None):
+    """The caller -> callee rows matching a service's windows: what the caller saw of it, a few
+    ms of network on top of the callee's own latency, times ``factor`` in some windows."""
+    rows = []
+    for i, m in enumerate(as_records(frame)):
+        slower = (factor or {}).get(i, 1.0)
+        rows.append(dataclasses.replace(
+            m, service=caller, revision="c1", peer_namespace=m.namespace, peer_service=m.service,
+            latency_p50_ms=(m.latency_p50_ms + 3) * slower,
+            latency_p90_ms=(m.latency_p90_ms + 3) * slower,
+            latency_p99_ms=(m.latency_p99_ms + 3) * slower, latency_sketch=None))
+    return rows
+
+
+def test_what_callers_see_flags_a_callee_whose_own_spans_look_fine() -> None:
+    # A network delay: the callee's handler is as fast as ever, its callers wait 40 times
+    # longer. The caller's rows of a window may arrive after the callee's own row.
+    frame = synthetic_metrics(windows=40, services=("cart",))
+    edges = _edges(frame, factor={i: 40.0 for i in (30, 31, 32)})
+    scorer = OnlineScorer()
+    verdicts = []
+    for own, edge in zip(as_records(frame), edges, strict=True):
+        verdicts.append(scorer.process(own))
+        scorer.learn_edge(edge)
+    flagged = [i for i, v in enumerate(verdicts) if v.verdict == "anomalous"]
+    # Window 30's delay is seen with window 31 (its callers' rows came after its own row).
+    assert flagged and flagged[0] in (30, 31) and set(flagged) <= {30, 31, 32, 33}
+    top = verdicts[flagged[0]].contributions[0]
+    assert top.feature.endswith("seen by shop/frontend") and top.value > 10 * top.baseline
+    assert all(v.verdict == "normal" for v in verdicts[6:30])
+
+
+def test_caller_rows_seen_first_are_used_for_the_same_window() -> None:
+    frame = synthetic_metrics(windows=40, services=("cart",))
+    edges = _edges(frame, factor={30: 40.0})
+    scorer = OnlineScorer()
+    verdicts = []
+    for own, edge in zip(as_records(frame), edges, strict=True):
+        scorer.learn_edge(edge)
+        verdicts.append(scorer.process(own))
+    assert [i for i, v in enumerate(verdicts) if v.verdict == "anomalous"] == [30]
+
+
+def test_learn_edge_takes_only_edge_rows() -> None:
+    with pytest.raises(ValueError, match="not an edge row"):
+        OnlineScorer().learn_edge(as_records(synthetic_metrics(windows=1))[0])
+
+
+def test_persistence_a_moderate_departure_needs_two_windows_in_a_row() -> None:
+    # ~5 standard deviations of this service's latency: decisive in neither window alone.
+    frame = synthetic_metrics(windows=60, services=("cart",), seed=3)
+    moderate = {i: 1.6 for i in (30, 45, 46)}
+    for i, factor in moderate.items():
+        frame.loc[frame.index[i], ["latency_p50_ms", "latency_p90_ms", "latency_p99_ms"]] *= \
+            factor
+    scorer = OnlineScorer()
+    verdicts = [scorer.process(m) for m in as_records(frame)]
+    assert verdicts[30].verdict == "normal" and verdicts[30].score < 0.999
+    assert verdicts[45].verdict == "normal"
+    assert verdicts[46].verdict == "anomalous"
+    without = OnlineScorer(persistence=False)
+    alone = [without.process(m) for m in as_records(frame)]
+    assert alone[30].verdict == "anomalous"  # what persistence spares
+
+
+def test_persistent_p_value_is_a_p_value_under_any_dependence() -> None:
+    from models.online import persistent_p_value
+
+    rng = np.random.default_rng(5)
+    p = rng.uniform(size=200_000)
+    for previous in (rng.uniform(size=p.size), p):  # independent, and identical windows
+        runs = np.array([persistent_p_value(a, b) for a, b in zip(p[:20_000],
+                                                                 previous[:20_000],
+                                                                 strict=True)])
+        for level in (0.01, 0.05, 0.2):
+            assert np.mean(runs <= level) <= level * 1.1
+    assert persistent_p_value(1e-8, None) == pytest.approx(1e-4 + 1e-8)
+    assert persistent_p_value(1e-4, 1e-4) == pytest.approx(1e-4 + 1e-8)
+    assert persistent_p_value(1e-4, 0.5) > 0.01
+    # Evidence that may not decide alone (a thin window) needs the previous window.
+    assert persistent_p_value(1e-9, None, decisive=1.0) == 2.0 or \
+        persistent_p_value(1e-9, None, decisive=1.0) == 1.0
+    assert persistent_p_value(1e-4, 1e-4, decisive=1.0) < 2e-4
+
+
+def test_a_thin_window_does_not_decide_alone() -> None:
+    frame = synthetic_metrics(windows=40, services=("email",))
+    frame["requests"] = 3
+    frame["errors"] = 0
+    frame["error_rate"] = 0.0
+    frame.loc[frame.index[30], ["latency_p50_ms", "latency_p90_ms", "latency_p99_ms"]] *= 100
+    scorer = OnlineScorer(min_requests=10)
+    verdicts = [scorer.process(m) for m in as_records(frame)]
+    assert verdicts[30].verdict == "normal"
+    assert verdicts[30].contributions[0].feature == "latency_p50_ms"

@@ -1,0 +1,78 @@
+"""The Nezha evaluation's own steps: span kinds from the trace structure, and what is counted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from analytics.windows import aggregate
+from clover.records import SpanRecord
+from models.evaluate import evaluate_nezha, infer_span_kinds
+from models.online import OnlineScorer
+
+T0 = 1_661_140_000_000_000
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+NEZHA = SHARED_DATA / "nezha-onlineboutique-2022-08-22"
+
+
+def span(span_id: str, service: str, parent: str | None, start_ms: int, duration_ms: int,
+         operation: str = "op", trace: str = "a" * 32, kind: str = "unspecified") -> SpanRecord:
+    return SpanRecord(trace_id=trace, span_id=span_id * 16, service=service,
+                      operation=operation, kind=kind,  # type: ignore[arg-type]
+                      start_us=T0 + start_ms * 1000, duration_us=duration_ms * 1000,
+                      error=False, source="nezha",
+                      parent_span_id=None if parent is None else parent * 16,
+                      namespace="shop", revision="r1")
+
+
+def test_kinds_from_the_trace_structure() -> None:
+    spans = [
+        span("1", "frontend", None, 0, 100, "Frontend/Recv"),          # root: server
+        span("2", "frontend", "1", 5, 40, "Cart/GetCart"),             # calls cart: client
+        span("3", "cart", "2", 10, 30, "Cart/GetCart"),                # parent elsewhere: server
+        span("4", "cart", "3", 12, 5, "redis.get"),                    # same service: internal
+        span("5", "cart", "9", 50, 5, "orphan"),                       # parent not recorded
+        span("6", "frontend", "1", 60, 8, "Ads/Get", kind="client"),   # kind known: kept
+    ]
+    kinds = {s.span_id[0]: (s.kind, s.peer_service) for s in infer_span_kinds(spans)}
+    assert kinds == {"1": ("server", None), "2": ("client", "cart"), "3": ("server", None),
+                     "4": ("internal", None), "5": ("unspecified", None),
+                     "6": ("client", None)}
+
+
+def test_with_kinds_a_service_counts_its_requests_and_callers_get_edge_rows() -> None:
+    spans = infer_span_kinds([
+        span("1", "frontend", None, 0, 100),
+        span("2", "frontend", "1", 5, 60),
+        span("3", "cart", "2", 10, 30),
+        span("4", "cart", "3", 12, 5),
+    ])
+    rows = {(m.service, m.peer_service): m for m in aggregate(spans)}
+    assert set(rows) == {("frontend", None), ("cart", None), ("frontend", "cart")}
+    assert rows[("cart", None)].requests == 1  # its handler, not its internal step
+    assert rows[("cart", None)].latency_max_ms == pytest.approx(30, rel=0.01)
+    assert rows[("frontend", "cart")].latency_max_ms == pytest.approx(60, rel=0.01)
+    assert rows[("frontend", None)].requests == 1
+
+
+@pytest.mark.skipif(not NEZHA.is_dir(), reason=f"the Nezha data set is not at {NEZHA}")
+def test_nezha_faults_without_trace_files_have_no_data_and_the_rest_are_scored() -> None:
+    # One stretch of the day is enough to check the counting: 05:51:19-05:53:19 (the payment
+    # network delay at 05:52:54), from the evaluation's own reader.
+    from collectors.replay import replay_spans
+    from models.evaluate import _Collector, read_faults, whole_windows
+
+    collector = _Collector()
+    replay_spans(collector, [NEZHA / "trace" / "05_52_trace.csv.gz",
+                             NEZHA / "trace" / "05_53_trace.csv.gz"], speed=None,
+                 namespace="hipstershop")
+    metrics = whole_windows(infer_span_kinds(collector.spans))
+    assert any(m.peer_service == "paymentservice" for m in metrics)
+    result = evaluate_nezha(NEZHA, OnlineScorer(), metrics=metrics)
+    by_time = {f.inject_us: f for f in result.faults}
+    assert len(by_time) == len(read_faults(NEZHA)) == 24
+    payment = by_time[1661147574_000_000]
+    assert payment.service == "paymentservice" and payment.scorable_windows > 0
+    # No file covers the checkout network delay at 04:52:55.
+    assert by_time[1661143975_000_000].outcome == "no data"
