@@ -138,13 +138,16 @@ class Store:
         return found
 
 
-    def write_progress(self, consumer_group: str, progress: StreamProgress) -> None:
+    def write_progress(self, consumer_group: str, *progress: StreamProgress) -> None:
+        """Write the checkpoint of each partition given (one row per partition)."""
         statement = self._prepared(
             f"INSERT INTO {self.keyspace}.stream_progress (consumer_group, partition, "
             "closed_before, offsets, updated) VALUES (?, ?, ?, ?, ?)")
-        self.session.execute(statement, (consumer_group, progress.partition,
-                                          _utc(progress.closed_before_us), progress.offsets,
-                                          datetime.now(UTC)))
+        now = datetime.now(UTC)
+        execute_concurrent_with_args(
+            self.session, statement,
+            [(consumer_group, p.partition, _utc(p.closed_before_us), p.offsets, now)
+             for p in progress], concurrency=64, raise_on_first_error=True)
 
     def read_progress(self, consumer_group: str) -> dict[int, StreamProgress]:
         statement = self._prepared(

@@ -29,12 +29,17 @@ What is counted where, so every number has one definition:
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
+import numpy as np
 from ddsketch import DDSketch
+from ddsketch.mapping import LogarithmicMapping
 from ddsketch.pb.ddsketch_pb2 import DDSketch as DDSketchMessage
-from ddsketch.pb.proto import DDSketchProto
+from ddsketch.pb.ddsketch_pb2 import Store as StoreMessage
+from ddsketch.pb.proto import DDSketchProto, KeyMappingProto
 
 from clover.records import FlowRecord, ServiceMetrics, SpanRecord
 
@@ -42,9 +47,30 @@ UNKNOWN = "unknown"
 SKETCH_ACCURACY = 0.01
 _REQUEST_KINDS = frozenset({"server", "consumer", "unspecified"})
 _EDGE_KINDS = frozenset({"client", "producer"})
+# The sketch's key of a latency: the same mapping DDSketch(SKETCH_ACCURACY) uses, applied to a
+# whole array at once (see LatencyBins).
+_MAPPING = LogarithmicMapping(SKETCH_ACCURACY)
+_LOG_GAMMA = math.log(_MAPPING.gamma)
+_INDEX_MAPPING = KeyMappingProto.to_proto(_MAPPING)
 
 # (namespace, service, revision, peer_namespace, peer_service); peer_service None for a service.
 RowKey = tuple[str, str, str, str | None, str | None]
+
+
+class SpanLike(Protocol):
+    """What aggregation reads of a span: a SpanRecord, or any decoded form with these fields."""
+
+    service: str
+    kind: str
+    start_us: int
+    duration_us: int
+    error: bool
+    namespace: str | None
+    revision: str | None
+    peer_namespace: str | None
+    peer_service: str | None
+    bytes_sent: int | None
+    bytes_received: int | None
 
 
 @dataclass
@@ -54,7 +80,8 @@ class _Row:
     requests: int = 0
     errors: int = 0
     latency_max_ms: float | None = None
-    sketch: DDSketch | None = None
+    # Latencies (ms) in arrays as batches brought them; sketched when the window is written.
+    latencies: list[np.ndarray] = field(default_factory=list)
     span_bytes_in: int = 0
     span_bytes_out: int = 0
     flows: int = 0
@@ -65,13 +92,6 @@ class _Row:
     connections_reset: int = 0
     # Connections already counted in this window, so the second side's record is not.
     connections_seen: set[tuple[object, ...]] = field(default_factory=set)
-
-    def add_latency(self, latency_ms: float) -> None:
-        if self.sketch is None:
-            self.sketch = DDSketch(SKETCH_ACCURACY)
-        self.sketch.add(latency_ms)
-        if self.latency_max_ms is None or latency_ms > self.latency_max_ms:
-            self.latency_max_ms = latency_ms
 
 
 @dataclass
@@ -94,12 +114,27 @@ class Window:
             self.first_positions[source] = position
 
 
+def _span_row(span: SpanLike) -> RowKey | None:
+    """The row a span counts in: its service's (a request), an edge's, or none."""
+    kind = span.kind
+    if kind in _REQUEST_KINDS:
+        return (span.namespace or UNKNOWN, span.service, span.revision or UNKNOWN, None, None)
+    if kind in _EDGE_KINDS and span.peer_service:
+        return (span.namespace or UNKNOWN, span.service, span.revision or UNKNOWN,
+                span.peer_namespace, span.peer_service)
+    return None
+
+
 class WindowAggregator:
     """Tumbling windows over one ordered input (one partition, or a whole recording).
 
     Event time is the largest record time seen; a window closes once event time has passed its
     end by ``allowed_lateness_us``. A record for a window that has already closed is refused
     (``add_*`` returns False) so the caller can dead-letter it; it is never silently dropped.
+
+    Spans are added in batches (``add_spans``) with the arithmetic on arrays, and a batch gives
+    exactly what adding its spans one at a time in the same order would: each span's lateness is
+    judged against the event time of the spans before it.
     """
 
     def __init__(self, window_seconds: int = 10, allowed_lateness_seconds: float = 5.0,
@@ -119,29 +154,74 @@ class WindowAggregator:
 
     # -- input ----------------------------------------------------------------------------
 
-    def add_span(self, span: SpanRecord, source: object = None,
+    def add_span(self, span: SpanLike, source: object = None,
                  position: int | None = None) -> bool:
-        end_us = span.start_us + span.duration_us
-        window = self._window_for(end_us, source, position)
-        if window is None:
-            return False
-        namespace = span.namespace or UNKNOWN
-        revision = span.revision or UNKNOWN
-        if span.kind in _REQUEST_KINDS:
-            key: RowKey = (namespace, span.service, revision, None, None)
-        elif span.kind in _EDGE_KINDS and span.peer_service:
-            key = (namespace, span.service, revision, span.peer_namespace, span.peer_service)
-        else:
-            return True
-        row = window.row(key)
-        row.requests += 1
-        row.errors += span.error
-        row.add_latency(span.duration_us / 1000.0)
-        # A server receives the request and sends the response; a caller the other way round.
-        received, sent = span.bytes_received or 0, span.bytes_sent or 0
-        row.span_bytes_in += received
-        row.span_bytes_out += sent
-        return True
+        """Add one span (a batch of one); False if its window has closed."""
+        return bool(self.add_spans([span], source,
+                                   None if position is None else [position])[0])
+
+    def add_spans(self, spans: Sequence[SpanLike], source: object = None,
+                  positions: Sequence[int] | None = None) -> np.ndarray:
+        """Add spans in input order; returns, per span, whether it was accepted (False: its
+        window had closed, for the caller to dead-letter)."""
+        count = len(spans)
+        if not count:
+            return np.zeros(0, dtype=bool)
+        end = np.fromiter((s.start_us + s.duration_us for s in spans), np.int64, count)
+        starts = end - end % self.window_us
+        # Event time before each span: the largest end among the spans before it.
+        before = np.maximum.accumulate(np.concatenate(([self.event_time_us], end[:-1])))
+        accepted = ((starts >= self.closed_before_us)
+                    & (starts + self.window_us + self.allowed_lateness_us > before))
+        if not accepted.any():
+            return accepted
+        self.event_time_us = max(self.event_time_us, int(end[accepted].max()))
+        taken = np.flatnonzero(accepted)
+        window_of = starts[taken]
+        where = None if positions is None else np.asarray(positions, np.int64)[taken]
+        for start in np.unique(window_of).tolist():
+            window = self.windows.get(start)
+            if window is None:
+                window = self.windows[start] = Window(start)
+            if where is not None:
+                window.note_position(source, int(where[window_of == start].min()))
+
+        rows = [_span_row(spans[i]) for i in taken.tolist()]
+        counted = [i for i, key in enumerate(rows) if key is not None]
+        if not counted:
+            return accepted
+        # One group per (window, row): numbered, then summed with bincount.
+        codes: dict[tuple[int, RowKey], int] = {}
+        group = np.fromiter(
+            (codes.setdefault((start, key), len(codes))  # type: ignore[arg-type]
+             for start, key in zip(window_of[counted].tolist(), (rows[i] for i in counted),
+                                  strict=True)),
+            np.int64, len(counted))
+        picked = [spans[taken[i]] for i in counted]
+        latency = np.fromiter((s.duration_us for s in picked), np.float64, len(picked)) / 1000.0
+        errors = np.fromiter((s.error for s in picked), np.int64, len(picked))
+        received = np.fromiter((s.bytes_received or 0 for s in picked), np.int64, len(picked))
+        sent = np.fromiter((s.bytes_sent or 0 for s in picked), np.int64, len(picked))
+        groups = len(codes)
+        requests = np.bincount(group, minlength=groups)
+        error_sum = np.bincount(group, weights=errors, minlength=groups)
+        in_sum = np.bincount(group, weights=received, minlength=groups)
+        out_sum = np.bincount(group, weights=sent, minlength=groups)
+        order = np.argsort(group, kind="stable")
+        by_group = np.split(latency[order], np.cumsum(requests)[:-1])
+        for (start, key), number in codes.items():
+            row = self.windows[start].row(key)
+            values = by_group[number]
+            row.requests += int(requests[number])
+            row.errors += int(error_sum[number])
+            # A server receives the request and sends the response; a caller the other way.
+            row.span_bytes_in += int(in_sum[number])
+            row.span_bytes_out += int(out_sum[number])
+            row.latencies.append(values)
+            top = float(values.max())
+            if row.latency_max_ms is None or top > row.latency_max_ms:
+                row.latency_max_ms = top
+        return accepted
 
     def add_flow(self, flow: FlowRecord, source: object = None,
                  position: int | None = None) -> bool:
@@ -226,7 +306,7 @@ class WindowAggregator:
 
     def _record(self, start_us: int, key: RowKey, row: _Row) -> ServiceMetrics:
         namespace, service, revision, peer_namespace, peer_service = key
-        sketch = row.sketch
+        bins = LatencyBins.of(np.concatenate(row.latencies)) if row.latencies else None
         has_flows = row.flows > 0
         return ServiceMetrics(
             namespace=namespace, service=service, revision=revision,
@@ -234,10 +314,11 @@ class WindowAggregator:
             window_start_us=start_us, window_seconds=self.window_seconds,
             requests=row.requests, errors=row.errors,
             error_rate=row.errors / row.requests if row.requests else None,
-            latency_p50_ms=sketch_quantile(sketch, 0.5),
-            latency_p90_ms=sketch_quantile(sketch, 0.9),
-            latency_p99_ms=sketch_quantile(sketch, 0.99), latency_max_ms=row.latency_max_ms,
-            latency_sketch=encode_sketch(sketch) if sketch is not None else None,
+            latency_p50_ms=bins.quantile(0.5) if bins else None,
+            latency_p90_ms=bins.quantile(0.9) if bins else None,
+            latency_p99_ms=bins.quantile(0.99) if bins else None,
+            latency_max_ms=row.latency_max_ms,
+            latency_sketch=bins.encode() if bins else None,
             bytes_in=row.bytes_in if has_flows else row.span_bytes_in,
             bytes_out=row.bytes_out if has_flows else row.span_bytes_out,
             flows=row.flows, connections_opened=row.connections_opened,
@@ -249,14 +330,57 @@ def aggregate(spans: Iterable[SpanRecord] = (), flows: Iterable[FlowRecord] = ()
               window_seconds: int = 10) -> list[ServiceMetrics]:
     """Every window of a finite recording, with no lateness limit (the offline ground truth)."""
     aggregator = WindowAggregator(window_seconds, allowed_lateness_seconds=float("inf"))
-    for span in spans:
-        aggregator.add_span(span)
+    aggregator.add_spans(list(spans))
     for flow in flows:
         aggregator.add_flow(flow)
     return [record for window in aggregator.close_all() for record in aggregator.metrics(window)]
 
 
 # -- sketches ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LatencyBins:
+    """A window row's latencies as the bins of a DDSketch (1% relative accuracy), computed on
+    the array rather than value by value: each value's key is the bucket the sketch's own
+    mapping puts it in, ``ceil(log(value) / log(gamma))``. Encoded, they are the DDSketch
+    protobuf that ``encode_sketch`` writes (so decode_sketch and merge_sketches read them), and
+    their quantiles are the ones DDSketch gives for those bins (rank ``q * (count - 1)``, the
+    first bucket whose running count passes it, that bucket's value)."""
+
+    offset: int  # key of counts[0]
+    counts: np.ndarray  # float64, from the lowest to the highest key with values
+    zero_count: float  # values too small for a bucket (0 ms)
+
+    @classmethod
+    def of(cls, values_ms: np.ndarray) -> LatencyBins:
+        positive = values_ms[values_ms > _MAPPING.min_possible]
+        zero_count = float(values_ms.size - positive.size)
+        if not positive.size:
+            return cls(0, np.zeros(0), zero_count)
+        keys = np.ceil(np.log(positive) / _LOG_GAMMA).astype(np.int64)
+        low = int(keys.min())
+        return cls(low, np.bincount(keys - low).astype(np.float64), zero_count)
+
+    def quantile(self, q: float) -> float | None:
+        count = self.zero_count + float(self.counts.sum())
+        if count == 0:
+            return None
+        rank = q * (count - 1)
+        if rank < self.zero_count:
+            return 0.0
+        index = int(np.searchsorted(np.cumsum(self.counts), rank - self.zero_count,
+                                    side="right"))
+        return max(0.0, float(_MAPPING.value(self.offset + index)))
+
+    def encode(self) -> str:
+        message = DDSketchMessage(
+            mapping=_INDEX_MAPPING,
+            positiveValues=StoreMessage(contiguousBinCounts=self.counts.tolist(),
+                                        contiguousBinIndexOffset=self.offset
+                                        if self.counts.size else 0),
+            negativeValues=StoreMessage(), zeroCount=self.zero_count)
+        return base64.b64encode(message.SerializeToString()).decode("ascii")
+
 
 def encode_sketch(sketch: DDSketch) -> str:
     """Base64 of the DDSketch protobuf, as stored in ServiceMetrics.latency_sketch.

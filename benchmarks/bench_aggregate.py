@@ -23,7 +23,7 @@ from clover.kafka import consumer_config
 from clover.topics import SPANS
 from tests.test_aggregate import _start_group_at_the_end, make_spans, produce
 
-N = 60_000
+N = 300_000
 METRICS_PORT = 9598
 
 
@@ -109,9 +109,9 @@ def _cpu(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def _wait_for(check: object, timeout: float, what: str) -> None:
+def _wait_for(check: object, timeout: float, what: str, every_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not check():  # type: ignore[operator]
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(every_s)

@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
                               "services, when the files do not say")
     replay_spans.set_defaults(run=_replay_spans)
 
-    stream = commands.add_parser("stream", help="Faust stream workers")
+    stream = commands.add_parser("stream", help="stream workers")
     stream_commands = stream.add_subparsers(title="stream commands", metavar="ACTION",
                                             required=True)
     worker = stream_commands.add_parser(
@@ -342,7 +342,7 @@ def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _stream_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from streams.app import run_worker
+    from streams.aggregate import run_worker
 
     return run_worker(settings, loglevel=args.loglevel)
 

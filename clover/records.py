@@ -34,9 +34,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import fastjsonschema
+import msgspec
 import orjson
 from jsonschema import Draft202012Validator, FormatChecker, ValidationError, validators
 
@@ -638,6 +639,81 @@ def field_validator(record_type: type, fields: frozenset[str],
     return check
 
 
+# Schema keywords fast_decoder turns into msgspec types; any other makes it refuse the schema.
+_FAST_KEYWORDS = frozenset({"type", "enum", "const", "pattern", "minimum", "maximum",
+                            "minLength", "maxLength", "description"})
+_JSON_TYPES: dict[str, Any] = {"string": str, "integer": int, "boolean": bool,
+                               "number": float, "null": None}
+
+
+@functools.cache
+def fast_decoder(record_type: type) -> Any:
+    """A decoder of ``record_type``'s JSON into a struct with the record's fields, checking the
+    published schema as it parses, in C (msgspec): for the stream worker, where decode() with
+    its schema check costs more than everything else the worker does with a record.
+
+    The struct type is made from the schema itself (types, nullability, required fields,
+    enums, consts, patterns, lengths, ranges, no unknown fields), so there is one contract.
+    It never accepts what the schema refuses (tests hold it to jsonschema on generated records);
+    it may refuse a valid record in a corner it reads more strictly (1.0 for an integer), so a
+    refusal is for decode() to confirm and explain. A schema with rules it cannot express
+    (formats, nested objects, cross-field rules) is a TypeError: use decode() for that type.
+
+    The decoder raises msgspec.DecodeError (a subclass of ValueError) on anything it refuses.
+    """
+    schema = _ecma_patterns(load_schema(record_type))
+    extra = set(schema) - {"$schema", "$id", "title", "description", "type",
+                           "additionalProperties", "required", "properties"}
+    if extra or schema.get("additionalProperties") is not False:
+        raise TypeError(f"{record_type.__name__}'s schema has rules a fast decoder cannot "
+                        f"check ({sorted(extra) or 'additional properties'})")
+    required = set(schema.get("required", ()))
+    fields: list[tuple[Any, ...]] = []
+    for name, rule in schema["properties"].items():
+        kind = _fast_type(record_type, name, rule)
+        if name in required:
+            fields.append((name, kind))
+        elif _allows_null(rule):
+            fields.append((name, kind, None))
+        else:
+            fields.append((name, kind | msgspec.UnsetType, msgspec.UNSET))
+    fields.sort(key=lambda f: len(f) > 2)  # required fields first, as Python requires
+    struct = msgspec.defstruct(f"Fast{record_type.__name__}", fields, kw_only=True,
+                               forbid_unknown_fields=True)
+    return msgspec.json.Decoder(struct).decode
+
+
+def _allows_null(rule: dict[str, Any]) -> bool:
+    kinds = rule.get("type", [])
+    return "null" in (kinds if isinstance(kinds, list) else [kinds]) or None in rule.get(
+        "enum", ())
+
+
+def _fast_type(record_type: type, name: str, rule: dict[str, Any]) -> Any:
+    unknown = set(rule) - _FAST_KEYWORDS
+    if unknown:
+        raise TypeError(f"{record_type.__name__}.{name} has rules a fast decoder cannot check "
+                        f"({sorted(unknown)})")
+    if "const" in rule:
+        return Literal[rule["const"]]  # type: ignore[valid-type]
+    if "enum" in rule:
+        values = tuple(value for value in rule["enum"] if value is not None)
+        base: Any = Literal[values]  # type: ignore[valid-type]
+    else:
+        kinds = rule["type"] if isinstance(rule["type"], list) else [rule["type"]]
+        named = [kind for kind in kinds if kind != "null"]
+        if len(named) != 1:
+            raise TypeError(f"{record_type.__name__}.{name} has types {kinds}")
+        base = _JSON_TYPES[named[0]]
+        meta = {key: value for key, value in (
+            ("pattern", rule.get("pattern")), ("ge", rule.get("minimum")),
+            ("le", rule.get("maximum")), ("min_length", rule.get("minLength")),
+            ("max_length", rule.get("maxLength"))) if value is not None}
+        if meta:
+            base = Annotated[base, msgspec.Meta(**meta)]
+    return base | None if _allows_null(rule) else base
+
+
 def validate(record_type: type, data: dict[str, Any]) -> None:
     """Check a JSON-like dict against ``record_type``'s published schema.
 
@@ -690,7 +766,9 @@ def encode(record: Any, *, validate: bool = True) -> bytes:
         if validate:
             _check(record_type, to_dict(record))
         else:
-            bad = [(path, "json", message) for path, _, message in _non_finite(to_dict(record))]
+            # A flat record's fields are its __dict__ (no asdict copy: this is a hot path).
+            fields = to_dict(record) if record_type in _NESTED else vars(record)
+            bad = [(path, "json", message) for path, _, message in _non_finite(fields)]
             if bad:
                 raise RecordError(record_type, bad)
     try:

@@ -1,8 +1,9 @@
 """Clover's Faust app: declared at module level, configured from Settings when a worker starts.
 
-Agents live in their own modules (streams/aggregate.py, ...) and attach to ``app`` when
-imported. ``run_worker`` configures the app from Settings (Kafka address, consumer group,
-metrics port) and runs a Faust worker in this process until SIGINT/SIGTERM.
+The scoring and rollback agents (streams/score.py, streams/rollback.py) attach to ``app`` and
+``configure`` points it at the configured Kafka and consumer group before their worker starts.
+The aggregation worker (streams/aggregate.py) is not a Faust agent: it reads far more records
+than Faust's one-event-at-a-time path can carry, and says why there.
 
 Faust's own web server is off: every component serves Prometheus metrics on the port its
 settings name instead, like the collectors and receivers do.
@@ -10,11 +11,9 @@ settings name instead, like the collectors and receivers do.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import faust
-from prometheus_client import start_http_server
 
 from clover.config import Settings
 
@@ -51,16 +50,3 @@ def configure(settings: Settings, **overrides: Any) -> faust.App:
         setattr(app.conf, key, value)
     return app
 
-
-def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
-    """Run the stream worker (all agents imported so far) until stopped."""
-    configure(settings)
-    from streams import aggregate
-
-    aggregate.install(settings)
-    if settings.streams.metrics_port:
-        start_http_server(settings.streams.metrics_port)
-    logging.getLogger("clover").setLevel(loglevel.upper())
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
-    worker.execute_from_commandline()
-    return 0

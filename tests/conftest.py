@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from hypothesis import settings as hypothesis_settings
 from confluent_kafka.admin import AdminClient
 
 from clover import topics
@@ -18,6 +19,11 @@ from clover.kafka import client_config, consumer_config, producer_config
 from clover.stack import Stack
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Property tests check behaviour, not speed: no per-example deadline, which a busy 2-core
+# machine (servers, other tests) overran now and then.
+hypothesis_settings.register_profile("clover", deadline=None)
+hypothesis_settings.load_profile("clover")
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,8 @@ class Pipeline:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
-        worker = subprocess.Popen([sys.executable, "-m", "clover.cli", "stream", "worker"],
+        worker = subprocess.Popen([sys.executable, "-m", "clover.cli", "stream", "worker",
+                                   "--loglevel", "debug"],
                                   env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.workers.append(worker)
         return worker

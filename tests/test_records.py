@@ -357,14 +357,16 @@ def _violations(prop: dict[str, Any]) -> list[tuple[st.SearchStrategy, str]]:
 
 
 @st.composite
-def samples(draw: st.DrawFn) -> tuple[type, dict[str, Any], dict[str, Any]]:
-    record = SAMPLES[draw(st.sampled_from(SAMPLE_NAMES))]()
+def samples(draw: st.DrawFn, names: list[str] = SAMPLE_NAMES,
+            ) -> tuple[type, dict[str, Any], dict[str, Any]]:
+    record = SAMPLES[draw(st.sampled_from(names))]()
     return type(record), load_schema(type(record)), to_dict(record)
 
 
 @st.composite
-def missing_required(draw: st.DrawFn) -> tuple[type, dict, str, str]:
-    record_type, schema, data = draw(samples())
+def missing_required(draw: st.DrawFn, names: list[str] = SAMPLE_NAMES,
+                     ) -> tuple[type, dict, str, str]:
+    record_type, schema, data = draw(samples(names))
     required = [path for path, _, req in _fields(schema, data) if req]
     path = draw(st.sampled_from(required))
     del _get(data, path[:-1])[path[-1]]
@@ -372,8 +374,9 @@ def missing_required(draw: st.DrawFn) -> tuple[type, dict, str, str]:
 
 
 @st.composite
-def wrong_type(draw: st.DrawFn) -> tuple[type, dict, str, str]:
-    record_type, schema, data = draw(samples())
+def wrong_type(draw: st.DrawFn, names: list[str] = SAMPLE_NAMES,
+               ) -> tuple[type, dict, str, str]:
+    record_type, schema, data = draw(samples(names))
     path, prop, _ = draw(st.sampled_from(_fields(schema, data)))
     value = draw(
         st.sampled_from([v for v, t in JSON_VALUES if not _accepts_type(prop, t)])
@@ -383,8 +386,9 @@ def wrong_type(draw: st.DrawFn) -> tuple[type, dict, str, str]:
 
 
 @st.composite
-def out_of_range(draw: st.DrawFn) -> tuple[type, dict, str, str]:
-    record_type, schema, data = draw(samples())
+def out_of_range(draw: st.DrawFn, names: list[str] = SAMPLE_NAMES,
+                 ) -> tuple[type, dict, str, str]:
+    record_type, schema, data = draw(samples(names))
     candidates = [
         (path, prop) for path, prop, _ in _fields(schema, data) if _violations(prop)
     ]
@@ -395,8 +399,9 @@ def out_of_range(draw: st.DrawFn) -> tuple[type, dict, str, str]:
 
 
 @st.composite
-def unknown_field(draw: st.DrawFn) -> tuple[type, dict, str, str]:
-    record_type, schema, data = draw(samples())
+def unknown_field(draw: st.DrawFn, names: list[str] = SAMPLE_NAMES,
+                  ) -> tuple[type, dict, str, str]:
+    record_type, schema, data = draw(samples(names))
     path, obj_schema = draw(st.sampled_from(_objects(schema, data)))
     name = draw(
         st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=20).filter(
@@ -405,6 +410,34 @@ def unknown_field(draw: st.DrawFn) -> tuple[type, dict, str, str]:
     )
     _get(data, path)[name] = draw(st.sampled_from([v for v, _ in JSON_VALUES]))
     return record_type, data, fmt((*path, name)), "additionalProperties"
+
+
+SPANS = [name for name in SAMPLE_NAMES if type(SAMPLES[name]()) is SpanRecord]
+
+
+@given(st.one_of(missing_required(SPANS), wrong_type(SPANS), out_of_range(SPANS),
+                 unknown_field(SPANS)))
+def test_the_fast_span_decoder_refuses_whatever_the_schema_refuses(case: tuple) -> None:
+    _, data, _, _ = case
+    with pytest.raises(ValueError):
+        records.fast_decoder(SpanRecord)(json.dumps(data))
+
+
+def test_the_fast_span_decoder_reads_a_valid_span_field_for_field() -> None:
+    import msgspec
+
+    full = sample_span()
+    sparse = to_dict(full)
+    for name in ("parent_span_id", "namespace", "status_code", "bytes_sent"):
+        del sparse[name]  # optional fields may be left out
+    for data in (to_dict(full), sparse):
+        decoded = records.fast_decoder(SpanRecord)(json.dumps(data))
+        assert msgspec.to_builtins(decoded) == to_dict(from_dict(SpanRecord, data))
+
+
+def test_a_schema_the_fast_decoder_cannot_express_is_refused_up_front() -> None:
+    with pytest.raises(TypeError, match="cannot check"):
+        records.fast_decoder(FlowRecord)  # IP formats, nested endpoints, cross-field rules
 
 
 def _assert_names(error: RecordError, record_type: type, path: str, rule: str) -> None:

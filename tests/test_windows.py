@@ -116,3 +116,55 @@ def test_a_sketch_encodes_the_same_whatever_order_its_values_came_in() -> None:
     backward = aggregate([span(i, BASE_US + i, d) for i, d in reversed(list(enumerate(durations)))])
     assert forward[0].latency_sketch == backward[0].latency_sketch
     assert decode_sketch(forward[0].latency_sketch or "").count == len(durations)
+
+
+def test_a_batch_gives_what_its_spans_give_one_at_a_time_lateness_included() -> None:
+    rng = random.Random(11)
+    spans = []
+    for i in range(3000):
+        # Mostly in order, some spans late by up to 12 s against windows of 2 s + 1 s lateness.
+        end = BASE_US + i * 5_000 - (rng.randint(0, 12_000_000) if rng.random() < 0.05 else 0)
+        spans.append(span(i + 1, end, rng.randint(0, 90_000), service=f"s{i % 3}",
+                          kind=rng.choice(["server", "client", "internal"]),
+                          peer="cart" if rng.random() < 0.7 else None,
+                          error=rng.random() < 0.1, revision=f"r{i % 2}"))
+
+    def run(batches: list[list[SpanRecord]]) -> tuple[list[bool], list[ServiceMetrics], int]:
+        aggregator = WindowAggregator(window_seconds=2, allowed_lateness_seconds=1)
+        accepted: list[bool] = []
+        rows: list[ServiceMetrics] = []
+        position = 0
+        for batch in batches:
+            flags = aggregator.add_spans(batch, "spans", range(position, position + len(batch)))
+            accepted += flags.tolist()
+            position += len(batch)
+            for window in aggregator.close_due():
+                rows += aggregator.metrics(window)
+        assert aggregator.first_open_position("spans") is not None
+        rows += [r for w in aggregator.close_all() for r in aggregator.metrics(w)]
+        return accepted, rows, aggregator.event_time_us
+
+    one_by_one = run([[s] for s in spans])
+    cuts = sorted(rng.sample(range(1, len(spans)), 12))
+    in_batches = run([spans[a:b] for a, b in zip([0, *cuts], [*cuts, len(spans)], strict=True)])
+    assert in_batches == one_by_one
+    refused = one_by_one[0].count(False)
+    assert 0 < refused < 150  # the test's late spans were judged, and most were in time
+
+
+def test_latency_bins_are_the_ddsketch_of_the_same_values() -> None:
+    from ddsketch import DDSketch
+
+    from analytics.windows import LatencyBins, encode_sketch, sketch_quantile
+
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        values = np.round(rng.lognormal(2, 1.5, int(rng.integers(1, 2000))) * 1000) / 1000
+        values[rng.random(values.size) < 0.02] = 0.0  # 0 ms spans go to the zero bucket
+        sketch = DDSketch(0.01)
+        for value in values:
+            sketch.add(float(value))
+        bins = LatencyBins.of(values)
+        assert bins.encode() == encode_sketch(sketch)
+        for q in (0.0, 0.5, 0.9, 0.99, 1.0):
+            assert bins.quantile(q) == sketch_quantile(sketch, q)
