@@ -176,6 +176,10 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
             count_lost(1);
         return 0;
     }
+    // Entering FIN_WAIT1 (our FIN sent) or LAST_ACK (ours after the peer's) changes nothing
+    // the record keeps: no lookup.
+    if (state == ST_FIN_WAIT1 || state == ST_LAST_ACK)
+        return 0;
     // Only TCP sockets are in the table: a hit says it is TCP.
     struct conn_t *c = live.lookup(&sk);
     if (!c)
