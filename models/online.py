@@ -82,6 +82,7 @@ _OWN_NAMES = [z_name(f) for f in BASE_FEATURES] + [rev_name(f) for f in BASE_FEA
 # return early (recorded spans may carry no status at all). What callers see is judged on rises.
 _TWO_SIDED = frozenset({z_name("latency_p50_ms"), rev_name("latency_p50_ms")})
 _KEEP_VERDICTS = 8  # recent windows per service whose learning state edges may ask about
+MIN_CALLEES = 3  # a caller's own slowness is judged from its calls to at least this many
 
 
 @dataclass
@@ -201,6 +202,8 @@ class OnlineScorer:
         self._services: dict[tuple[str, str], _Service] = {}
         # callee (namespace, service) -> caller "namespace/service" -> edge
         self._edges: dict[tuple[str, str], dict[str, _Edge]] = {}
+        # the same edges by caller: "namespace/service" -> callee "namespace/service" -> edge
+        self._calls: dict[str, dict[str, _Edge]] = {}
 
     @property
     def hold_back_p(self) -> float:
@@ -291,6 +294,7 @@ class OnlineScorer:
                      np.concatenate([z, rev]), len(history), raw_values + raw_values,
                      raw_medians + raw_medians, thin=metrics.requests < self.min_requests)
         self._edge_evidence(metrics, evidence)
+        self._call_evidence(metrics, evidence, len(history))
         p = evidence.p_value()
         if self.persistence:
             previous = state.p_values.get(metrics.revision, {}).get(
@@ -337,6 +341,38 @@ class OnlineScorer:
                                                        strict=True)],
                          thin=requests < self.min_requests)
 
+    def _call_evidence(self, metrics: ServiceMetrics, evidence: _Evidence,
+                       history: int) -> None:
+        """Add how this service's own calls to others went: the median, over the services it
+        calls (at least ``MIN_CALLEES``), of the z-score of the call's median latency against
+        that edge's history. One slow callee does not move it; a caller starved of CPU, or
+        whose own network is slow, slows all its calls. Its calls of this window come after
+        its own row (same key), so they are mostly those of the window before."""
+        calls = self._calls.get(f"{metrics.namespace}/{metrics.service}", {})
+        window_us = metrics.window_seconds * 1_000_000
+        found: list[tuple[float, float, float]] = []  # z, value, baseline (ms)
+        requests = 0.0
+        for _, edge in sorted(calls.items()):
+            if len(edge.baseline) < self.min_windows:
+                continue
+            view = edge.view(metrics.window_start_us, window_us)
+            if view is None:
+                continue
+            _, vector, count = view
+            medians, scales = edge.baseline.stats()
+            z = (vector[1] - medians[1]) / scales[1]
+            if np.isfinite(z):
+                found.append((float(z), to_raw("latency_p50_ms", vector[1]),
+                              to_raw("latency_p50_ms", medians[1])))
+                requests += count
+        if len(found) < MIN_CALLEES:
+            return
+        middle = sorted(found)[len(found) // 2]
+        evidence.add(["latency_p50_ms__calls"],
+                     [f"latency_p50_ms of its calls to {len(found)} services (median)"],
+                     np.array([middle[0]]), history, [middle[1]], [middle[2]],
+                     thin=requests < self.min_requests)
+
     def learn_one(self, metrics: ServiceMetrics, *, anomalous: bool = False) -> None:
         """Add one window to its service's history (``anomalous`` windows are held back)."""
         state = self._state(metrics)
@@ -372,6 +408,7 @@ class OnlineScorer:
             edge = edges[caller] = _Edge(
                 caller, ServiceBaseline(self.baseline_windows, features=EDGE_FEATURES),
                 window_seconds=metrics.window_seconds)
+            self._calls.setdefault(caller, {})[f"{callee[0]}/{callee[1]}"] = edge
         if edge.window_start_us is not None and metrics.window_start_us != edge.window_start_us:
             if metrics.window_start_us < edge.window_start_us:
                 return  # late: the edge's history has moved on

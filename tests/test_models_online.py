@@ -208,3 +208,29 @@ def test_a_thin_window_does_not_decide_alone() -> None:
     verdicts = [scorer.process(m) for m in as_records(frame)]
     assert verdicts[30].verdict == "normal"
     assert verdicts[30].contributions[0].feature == "latency_p50_ms"
+
+
+def test_a_caller_whose_calls_all_slow_down_is_flagged_not_for_one_slow_callee() -> None:
+    # checkout calls three services; its own (thin) rows show little. When all its calls slow
+    # down, checkout is the common factor; when only one does, that callee is.
+    callees = ("cart", "payment", "shipping")
+    frame = synthetic_metrics(windows=50, services=("checkout", *callees))
+    own = {s: as_records(frame[frame["service"] == s]) for s in ("checkout", *callees)}
+    slow_all = {i: 30.0 for i in (30, 31, 32)}
+    calls = {c: _edges(frame[frame["service"] == c], caller="checkout",
+                       factor={**slow_all, **({40: 30.0, 41: 30.0} if c == "cart" else {})})
+             for c in callees}
+    scorer = OnlineScorer()
+    verdicts: dict[str, list] = {s: [] for s in own}
+    for i in range(50):
+        for service in ("cart", "checkout", "payment", "shipping"):  # the stream's key order
+            verdicts[service].append(scorer.process(own[service][i]))
+            if service == "checkout":
+                for c in callees:
+                    scorer.learn_edge(calls[c][i])
+    checkout = [i for i, v in enumerate(verdicts["checkout"]) if v.verdict == "anomalous"]
+    assert checkout and checkout[0] in (31, 32) and set(checkout) <= {31, 32, 33}
+    assert verdicts["checkout"][checkout[0]].contributions[0].feature == \
+        "latency_p50_ms of its calls to 3 services (median)"
+    assert not any(v.verdict == "anomalous" for v in verdicts["checkout"][35:])
+    assert any(v.verdict == "anomalous" for v in verdicts["cart"][40:43])
