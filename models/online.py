@@ -32,7 +32,7 @@ A window judged anomalous is not learned, nor one whose p-value alone would make
 anomalous together with it, so a fault does not become the baseline it is measured against,
 unless the service stays so for ``relearn_after`` windows in a row: a lasting change (more
 traffic, a slower release that was kept) becomes the new normal. An edge's window is learned
-unless its callee's window was held back.
+unless its callee's or its caller's window was held back.
 
 Revisions: the rows of one service and window arrive one by one; a revision is compared with
 the other revisions already seen in that window, and the service's history learns the window
@@ -314,16 +314,20 @@ class OnlineScorer:
         return bool(1.0 <= usual < self.min_requests and requests >= 1)
 
     def _edge_evidence(self, metrics: ServiceMetrics, evidence: _Evidence) -> None:
-        """Add what each caller saw of this service in this window (or the one before)."""
+        """Add what each caller saw of this service in this window (or the one before), less
+        what the caller's own slowness explains: when the caller's calls to its other services
+        (at least ``MIN_CALLEES``) slowed too, the median of their z-scores is taken off, so a
+        caller starved of CPU does not make its callees look slow."""
         edges = self._edges.get((metrics.namespace, metrics.service), {})
         window_us = metrics.window_seconds * 1_000_000
+        callee = f"{metrics.namespace}/{metrics.service}"
         for caller, edge in sorted(edges.items()):
             if len(edge.baseline) < self.min_windows:
                 continue
             found = edge.view(metrics.window_start_us, window_us)
             if found is None:
                 continue
-            _, vector, requests = found
+            start, vector, requests = found
             history = edge.baseline
             medians, scales = history.stats()
             usual = float(np.expm1(medians[0]) * metrics.window_seconds) \
@@ -332,6 +336,9 @@ class OnlineScorer:
                 continue
             z = ((vector - medians) / scales)[_EDGE_SCORED]
             z = np.where(_TAIL_EDGE > requests, np.nan, z)
+            own = self._calls_median(caller, start, window_us, leave_out=callee)
+            if own is not None and own[0] > 0:
+                z = z - own[0]
             evidence.add([f"{f}__from_{caller}" for f in EDGE_SCORED],
                          [f"{f} seen by {caller}"[:128] for f in EDGE_SCORED], z,
                          len(history),
@@ -348,14 +355,28 @@ class OnlineScorer:
         that edge's history. One slow callee does not move it; a caller starved of CPU, or
         whose own network is slow, slows all its calls. Its calls of this window come after
         its own row (same key), so they are mostly those of the window before."""
-        calls = self._calls.get(f"{metrics.namespace}/{metrics.service}", {})
-        window_us = metrics.window_seconds * 1_000_000
+        found = self._calls_median(f"{metrics.namespace}/{metrics.service}",
+                                   metrics.window_start_us, metrics.window_seconds * 1_000_000)
+        if found is None:
+            return
+        z, value, baseline, callees, requests = found
+        evidence.add(["latency_p50_ms__calls"],
+                     [f"latency_p50_ms of its calls to {callees} services (median)"],
+                     np.array([z]), history, [value], [baseline],
+                     thin=requests < self.min_requests)
+
+    def _calls_median(self, caller: str, start_us: int, window_us: int,
+                      leave_out: str | None = None) -> tuple[float, float, float, int,
+                                                            float] | None:
+        """(z, value ms, baseline ms, callees, requests) of the median call of ``caller`` in
+        the window at ``start_us`` (else the one before), over its calls to at least
+        ``MIN_CALLEES`` services other than ``leave_out``; None with fewer."""
         found: list[tuple[float, float, float]] = []  # z, value, baseline (ms)
         requests = 0.0
-        for _, edge in sorted(calls.items()):
-            if len(edge.baseline) < self.min_windows:
+        for callee, edge in sorted(self._calls.get(caller, {}).items()):
+            if callee == leave_out or len(edge.baseline) < self.min_windows:
                 continue
-            view = edge.view(metrics.window_start_us, window_us)
+            view = edge.view(start_us, window_us)
             if view is None:
                 continue
             _, vector, count = view
@@ -366,12 +387,9 @@ class OnlineScorer:
                               to_raw("latency_p50_ms", medians[1])))
                 requests += count
         if len(found) < MIN_CALLEES:
-            return
-        middle = sorted(found)[len(found) // 2]
-        evidence.add(["latency_p50_ms__calls"],
-                     [f"latency_p50_ms of its calls to {len(found)} services (median)"],
-                     np.array([middle[0]]), history, [middle[1]], [middle[2]],
-                     thin=requests < self.min_requests)
+            return None
+        z, value, baseline = sorted(found)[len(found) // 2]
+        return z, value, baseline, len(found), requests
 
     def learn_one(self, metrics: ServiceMetrics, *, anomalous: bool = False) -> None:
         """Add one window to its service's history (``anomalous`` windows are held back)."""
@@ -396,7 +414,8 @@ class OnlineScorer:
         """Take a caller -> callee row: what the caller saw of the callee in that window.
 
         The callee's windows are then judged with it too; the edge learns its own history as
-        its windows close (unless the callee's window was held back)."""
+        its windows close (unless the callee's or the caller's window was held back: either
+        one's trouble makes the call's latency what it was)."""
         if metrics.peer_service is None:
             raise ValueError(f"{metrics.namespace}/{metrics.service}: not an edge row (no "
                              "peer_service); score it with process")
@@ -415,10 +434,10 @@ class OnlineScorer:
             if edge.revisions:
                 # The window closed before is learned now (its callee's verdict is in by
                 # now), so a window being judged is never part of its own history.
-                if edge.closed is not None:
-                    state = self._services.get(callee)
-                    if state is None or not state.held.get(edge.closed[0], False):
-                        edge.baseline.learn(edge.closed[1])
+                if edge.closed is not None and not any(
+                        self._was_held(end, edge.closed[0])
+                        for end in (callee, (metrics.namespace, metrics.service))):
+                    edge.baseline.learn(edge.closed[1])
                 edge.closed = (edge.window_start_us, *edge.pending())
             edge.revisions = {}
         edge.window_start_us = metrics.window_start_us
@@ -442,6 +461,10 @@ class OnlineScorer:
             anomaly.detector == ONLINE_DETECTOR and np.isfinite(p) and p <= self.hold_back_p)
         self.learn_one(metrics, anomalous=hold)
         return anomaly
+
+    def _was_held(self, service: tuple[str, str], start_us: int) -> bool:
+        state = self._services.get(service)
+        return state is not None and state.held.get(start_us, False)
 
     def history_windows(self, namespace: str, service: str) -> int:
         state = self._services.get((namespace, service))

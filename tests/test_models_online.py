@@ -211,9 +211,9 @@ def test_a_thin_window_does_not_decide_alone() -> None:
 
 
 def test_a_caller_whose_calls_all_slow_down_is_flagged_not_for_one_slow_callee() -> None:
-    # checkout calls three services; its own (thin) rows show little. When all its calls slow
+    # checkout calls four services; its own (thin) rows show little. When all its calls slow
     # down, checkout is the common factor; when only one does, that callee is.
-    callees = ("cart", "payment", "shipping")
+    callees = ("cart", "email", "payment", "shipping")
     frame = synthetic_metrics(windows=50, services=("checkout", *callees))
     own = {s: as_records(frame[frame["service"] == s]) for s in ("checkout", *callees)}
     slow_all = {i: 30.0 for i in (30, 31, 32)}
@@ -223,7 +223,7 @@ def test_a_caller_whose_calls_all_slow_down_is_flagged_not_for_one_slow_callee()
     scorer = OnlineScorer()
     verdicts: dict[str, list] = {s: [] for s in own}
     for i in range(50):
-        for service in ("cart", "checkout", "payment", "shipping"):  # the stream's key order
+        for service in ("cart", "checkout", "email", "payment", "shipping"):  # key order
             verdicts[service].append(scorer.process(own[service][i]))
             if service == "checkout":
                 for c in callees:
@@ -231,6 +231,10 @@ def test_a_caller_whose_calls_all_slow_down_is_flagged_not_for_one_slow_callee()
     checkout = [i for i, v in enumerate(verdicts["checkout"]) if v.verdict == "anomalous"]
     assert checkout and checkout[0] in (31, 32) and set(checkout) <= {31, 32, 33}
     assert verdicts["checkout"][checkout[0]].contributions[0].feature == \
-        "latency_p50_ms of its calls to 3 services (median)"
+        "latency_p50_ms of its calls to 4 services (median)"
     assert not any(v.verdict == "anomalous" for v in verdicts["checkout"][35:])
     assert any(v.verdict == "anomalous" for v in verdicts["cart"][40:43])
+    # The callees are not blamed for their caller's slowness (nor learn it as their normal).
+    for callee in callees:
+        assert all(v.verdict == "normal" for v in verdicts[callee][6:40]), callee
+    assert all(v.verdict == "normal" for v in verdicts["cart"][44:])
