@@ -41,7 +41,7 @@ from ddsketch.pb.ddsketch_pb2 import DDSketch as DDSketchMessage
 from ddsketch.pb.ddsketch_pb2 import Store as StoreMessage
 from ddsketch.pb.proto import DDSketchProto, KeyMappingProto
 
-from clover.records import FlowRecord, ServiceMetrics, SpanRecord
+from clover.records import FlowRecord, ServiceMetrics
 
 UNKNOWN = "unknown"
 SKETCH_ACCURACY = 0.01
@@ -326,7 +326,7 @@ class WindowAggregator:
         )
 
 
-def aggregate(spans: Iterable[SpanRecord] = (), flows: Iterable[FlowRecord] = (),
+def aggregate(spans: Iterable[SpanLike] = (), flows: Iterable[FlowRecord] = (),
               window_seconds: int = 10) -> list[ServiceMetrics]:
     """Every window of a finite recording, with no lateness limit (the offline ground truth)."""
     aggregator = WindowAggregator(window_seconds, allowed_lateness_seconds=float("inf"))

@@ -36,6 +36,7 @@ clover.deadletter with the reason, as does one that does not decode or validate.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import signal
@@ -88,6 +89,10 @@ WRITE_RETRIES = Counter("clover_stream_cassandra_retries_total",
 INPUTS = (topics.SPANS.name, topics.FLOWS.name)
 BATCH = 10_000  # records per consume(): large enough that per-batch costs vanish
 POLL_S = 0.2  # the longest a consume() waits for a trickle
+# While catching up (full batches), closed windows are written and offsets committed at most
+# this often, so the waits for Cassandra and Kafka are shared by many batches. A worker that
+# has caught up writes after every batch.
+WRITE_EVERY_S = 0.5
 TICK_S = 1.0  # how often quiet partitions are looked at and lag is reported
 
 
@@ -131,6 +136,10 @@ class AggregationWorker:
         # Where each assigned input partition starts: its committed offset, or where a new
         # group starts.
         self.assigned: dict[tuple[str, int], int] = {}
+        # Partitions that took records since the last _flush, and dead letters queued since.
+        self.touched: dict[int, _Partition] = {}
+        self.letters = 0
+        self.first_letter = ""
         self.stopping = False
         self.fast_span = records.fast_decoder(SpanRecord)
 
@@ -141,12 +150,17 @@ class AggregationWorker:
         self.consumer.subscribe(list(INPUTS), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         next_tick = time.monotonic() + TICK_S
+        next_write = time.monotonic() + WRITE_EVERY_S
         try:
             while not self.stopping:
                 messages = self.consumer.consume(BATCH, POLL_S)
                 if messages:
                     self.handle(messages)
-                if time.monotonic() >= next_tick:
+                now = time.monotonic()
+                if self.touched and (len(messages) < BATCH or now >= next_write):
+                    self._flush(list(self.touched.items()))
+                    next_write = now + WRITE_EVERY_S
+                if now >= next_tick:
                     self.tick()
                     next_tick = time.monotonic() + TICK_S
         except Stopping:
@@ -166,9 +180,9 @@ class AggregationWorker:
 
     # -- records in -------------------------------------------------------------------------
 
-    def handle(self, messages: list[Message]) -> None:
-        """Aggregate a batch, then write what closed and commit what may be."""
-        by_partition: dict[int, list[Message]] = {}
+    def handle(self, messages: list[Any]) -> None:
+        """Aggregate a batch (what closed is written by the next _flush)."""
+        by_partition: dict[int, list[Any]] = {}
         for message in messages:
             error = message.error()
             if error is not None:
@@ -176,8 +190,6 @@ class AggregationWorker:
                     log.warning("consumer error: %s", error)
                 continue
             by_partition.setdefault(message.partition(), []).append(message)
-        letters = 0
-        touched = []
         for index, batch in by_partition.items():
             part = self.partitions.get(index) or self._open(index)
             if part is None:
@@ -186,22 +198,19 @@ class AggregationWorker:
             log.debug("partition %d: %d records, %d fresh", index, len(batch), len(fresh))
             if not fresh:
                 continue
-            touched.append((index, part))
+            self.touched[index] = part
             part.last_arrival = time.monotonic()
             # Runs of one topic in arrival order, so event time moves as it would record by
             # record.
-            for topic, run in itertools.groupby(fresh, key=Message.topic):
-                run = list(run)
+            for topic, same_topic in itertools.groupby(fresh, key=Message.topic):
+                run = list(same_topic)
                 RECORDS_IN.labels(topic).inc(len(run))
                 if topic == topics.SPANS.name:
-                    letters += self._add_spans(part, run)
+                    self.letters += self._add_spans(part, run)
                 else:
-                    letters += self._add_flows(part, run)
-        if letters:  # delivered before the offsets they came from are committed
-            self._retry("deliver dead letters to Kafka", self._flush_producer)
-        self._flush(touched)
+                    self.letters += self._add_flows(part, run)
 
-    def _in_order(self, index: int, part: _Partition, batch: list[Message]) -> list[Message]:
+    def _in_order(self, index: int, part: _Partition, batch: list[Any]) -> list[Any]:
         """The records of the batch that come next on their partitions. A record before the
         expected offset is a redelivery (skipped); a jump past it means records would go
         unseen, so the partition is read again from the expected offset."""
@@ -223,10 +232,10 @@ class AggregationWorker:
                 jumped.add(topic)
         return fresh
 
-    def _add_spans(self, part: _Partition, run: list[Message]) -> int:
+    def _add_spans(self, part: _Partition, run: list[Any]) -> int:
         topic = topics.SPANS.name
         spans: list[Any] = []
-        kept: list[Message] = []
+        kept: list[Any] = []
         letters = 0
         for message in run:
             value = message.value()
@@ -248,7 +257,7 @@ class AggregationWorker:
                                          + spans[i].duration_us)
         return letters
 
-    def _add_flows(self, part: _Partition, run: list[Message]) -> int:
+    def _add_flows(self, part: _Partition, run: list[Any]) -> int:
         # Flows are one per connection, far fewer than spans: decode() checks every rule of
         # their schema (formats, nested endpoints, cross-field rules) one by one.
         topic = topics.FLOWS.name
@@ -263,7 +272,7 @@ class AggregationWorker:
                 letters += self._refused(part, message, flow.end_us or 0)
         return letters
 
-    def _refused(self, part: _Partition, message: Message, at_us: int) -> int:
+    def _refused(self, part: _Partition, message: Any, at_us: int) -> int:
         """A record whose window had closed: counted before a restart, or late."""
         if message.offset() < part.replayed_before.get(message.topic(), 0):
             RECORDS_SKIPPED.inc()
@@ -275,13 +284,14 @@ class AggregationWorker:
             f"{aggregator.closed_before_us} us are written; allowed lateness "
             f"{aggregator.allowed_lateness_us / 1e6:g} s)"))
 
-    def _dead_letter(self, message: Message, reason: str) -> int:
+    def _dead_letter(self, message: Any, reason: str) -> int:
         """Queue a dead letter for the message (delivered by the caller's producer flush)."""
         letter = letter_for_kafka(message, reason, COMPONENT)
         self._produce(topics.DEADLETTER.name, letter.key(), records.encode(letter))
         DEAD_LETTERED.labels(reason.split(":")[0]).inc()
-        log.warning("%s[%d] offset %d dead-lettered: %s", message.topic(), message.partition(),
-                    message.offset(), reason)
+        if not self.first_letter:  # one log line per write, not one per record
+            self.first_letter = (f"{message.topic()}[{message.partition()}] offset "
+                                 f"{message.offset()}: {reason}")
         return 1
 
     # -- quiet partitions -------------------------------------------------------------------
@@ -351,6 +361,12 @@ class AggregationWorker:
     def _flush(self, partitions: list[tuple[int, _Partition]]) -> None:
         """Write the windows that closed on these partitions, then commit what may be: one
         Cassandra write, one delivery and one commit for them all."""
+        if self.letters:  # delivered before the offsets they came from are committed
+            self._retry("deliver dead letters to Kafka", self._flush_producer)
+            log.warning("%d records dead-lettered to %s; the first: %s", self.letters,
+                        topics.DEADLETTER.name, self.first_letter)
+            self.letters, self.first_letter = 0, ""
+        self.touched.clear()
         closed = []
         for index, part in partitions:
             windows = part.aggregator.close_due()
@@ -414,8 +430,7 @@ class AggregationWorker:
             offset = tp.offset
             if offset < 0:  # no committed offset: where auto.offset.reset puts a new group
                 low, high = self._retry("read the partition's offsets",
-                                        lambda tp=tp: consumer.get_watermark_offsets(
-                                            tp, timeout=10))
+                                        functools.partial(self._watermarks, tp))
                 offset = low if self.settings.streams.new_group_starts_at == "earliest" \
                     else high
             self.assigned[(tp.topic, tp.partition)] = offset
@@ -423,11 +438,17 @@ class AggregationWorker:
         consumer.assign([TopicPartition(tp.topic, tp.partition, self.assigned[
             (tp.topic, tp.partition)]) for tp in assigned])
 
+    def _watermarks(self, tp: TopicPartition) -> tuple[int, int]:
+        low, high = self.consumer.get_watermark_offsets(tp, timeout=10)
+        return low, high
+
     def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
         """Commit what is safe, then drop the partitions: their next owner rebuilds the open
         windows from the committed offsets."""
         indexes = {tp.partition for tp in revoked}
-        self._commit([(i, p) for i, p in self.partitions.items() if i in indexes], wait=True)
+        if self.producer.flush(10) == 0:  # dead letters out before their offsets commit
+            self._commit([(i, p) for i, p in self.partitions.items() if i in indexes],
+                         wait=True)
         self._forget(revoked)
 
     def _on_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
@@ -437,6 +458,7 @@ class AggregationWorker:
         for tp in partitions:
             self.assigned.pop((tp.topic, tp.partition), None)
         for index in {tp.partition for tp in partitions}:
+            self.touched.pop(index, None)
             if self.partitions.pop(index, None) is not None:
                 OPEN_WINDOWS.labels(index).set(0)
                 log.info("partition %d revoked; its open windows are left to the next owner",

@@ -60,8 +60,7 @@ class Pipeline:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
-        worker = subprocess.Popen([sys.executable, "-m", "clover.cli", "stream", "worker",
-                                   "--loglevel", "debug"],
+        worker = subprocess.Popen([sys.executable, "-m", "clover.cli", "stream", "worker"],
                                   env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.workers.append(worker)
         return worker
