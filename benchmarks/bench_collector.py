@@ -9,7 +9,12 @@ measured two ways in the same run:
   Blocks of short rounds with the collector off and on alternate (off-on, on-off, ...); each
   pair of neighbouring blocks gives one on/off ratio, and the median and range of those ratios
   are reported, so a burst of other work on the machine moves one pair, not the result. On a
-  shared machine a pair still varies by +-10-15%: this figure cannot resolve a few per cent.
+  shared machine a pair still varies by +-10-15%: this figure cannot resolve a few per cent,
+  as the collector has to start (compile, load) between blocks.
+- **Programs attached/detached.** The same BPF programs (collectors/tcp_flows.py) loaded once in
+  this process, detached and attached between neighbouring rounds a fraction of a second apart,
+  many pairs: the tightest figure for what the kernel side costs the traffic, dispatch and
+  cache effects included (the collector's user space is on the other CPU either way).
 - **In-kernel time** (kernel.bpf_stats_enabled, set for one block and restored): run_time_ns
   and run_cnt of the collector's own programs, per program run, per connection and per MB,
   beside the CPU time the load itself used (CLOCK_PROCESS_CPUTIME_ID of its two processes).
@@ -34,7 +39,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import median
+from statistics import median, quantiles
 
 from benchmarks.common import CliProcess, Result, publisher_rate_per_core
 from clover.topics import FLOWS
@@ -47,6 +52,10 @@ ROUND_S = 0.5
 SETTLE_S = 1.0  # after the collector says it is ready: its start-up work is not measured
 DRAIN_S = 1.0  # after the last round: it publishes what the load left in the ring buffer
 LOADS = ("bulk", "churn")
+# The same programs in this process, detached and attached between rounds of TOGGLE_S seconds:
+# TOGGLE_PAIRS neighbouring off/on pairs per load, a fraction of a second apart.
+TOGGLE_PAIRS = 40
+TOGGLE_S = 0.25
 
 LOADGEN = Path(__file__).with_name("loadgen.c")
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -88,13 +97,13 @@ def pinned(cpu: int | None) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def load_round(loadgen: Path, load: str, cpu: int | None) -> Round:
+def load_round(loadgen: Path, load: str, cpu: int | None, seconds: float = ROUND_S) -> Round:
     def pin() -> None:
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
 
-    out = subprocess.run([str(loadgen), load, str(ROUND_S)], capture_output=True, text=True,
-                         check=True, timeout=ROUND_S + 60, preexec_fn=pin)
+    out = subprocess.run([str(loadgen), load, str(seconds)], capture_output=True, text=True,
+                         check=True, timeout=seconds + 60, preexec_fn=pin)
     rate, cpu_s, seconds = (float(x) for x in out.stdout.split())
     return Round(rate, cpu_s, seconds)
 
@@ -103,6 +112,47 @@ def run_block(loadgen: Path, cpu: int | None, block: Block) -> None:
     for _ in range(ROUNDS):
         for load in LOADS:
             block.rounds[load].append(load_round(loadgen, load, cpu))
+
+
+@dataclass
+class Toggled:
+    ratios: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in LOADS})
+    on: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in LOADS})
+    off: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in LOADS})
+
+
+def toggled(loadgen: Path, cpu: int | None) -> Toggled:
+    """Neighbouring rounds with the collector's BPF programs attached and detached by this
+    process (its user space drains and drops the records between rounds)."""
+    from collectors.tcp_flows import TcpFlowCollector
+
+    tcp = TcpFlowCollector()
+    tcp.start()
+    bpf = tcp._bpf
+    points = list(bpf.raw_tracepoint_fds)
+
+    def attach(on: bool) -> None:
+        for point in points:
+            if on and point not in bpf.raw_tracepoint_fds:
+                bpf.attach_raw_tracepoint(tp=point, fn_name=b"raw_tracepoint__" + point)
+            elif not on and point in bpf.raw_tracepoint_fds:
+                bpf.detach_raw_tracepoint(tp=point)
+
+    result = Toggled()
+    try:
+        for pair in range(TOGGLE_PAIRS):
+            for load in LOADS:
+                rates = {}
+                for on in (False, True) if pair % 2 == 0 else (True, False):
+                    attach(on)
+                    rates[on] = load_round(loadgen, load, cpu, TOGGLE_S).rate
+                    tcp.poll(lambda key, value: None)
+                result.ratios[load].append(rates[True] / rates[False])
+                result.on[load].append(rates[True])
+                result.off[load].append(rates[False])
+    finally:
+        tcp.close()
+    return result
 
 
 # -- the collector's programs and their in-kernel statistics ----------------------------------
@@ -228,7 +278,11 @@ def cpus() -> tuple[int | None, int | None]:
 
 
 def _spread(ratios: list[float]) -> str:
-    return f"{median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+    """Median (range), or median (quartiles; range) of many."""
+    if len(ratios) < 12:
+        return f"{median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+    low, mid, high = quantiles(ratios, n=4)
+    return f"{mid:.3f} (quartiles {low:.3f}-{high:.3f}; {min(ratios):.3f}-{max(ratios):.3f})"
 
 
 def run() -> list[Result]:
@@ -284,6 +338,7 @@ def run() -> list[Result]:
             if pair % 2 == 1 and not last:
                 off.append(Block())
                 run_block(loadgen, load_cpu, off[-1])
+        flips = toggled(loadgen, load_cpu)
 
     ratios = {load: [a.rate(load) / b.rate(load) for a, b in zip(on, off, strict=True)]
               for load in LOADS}
@@ -312,6 +367,10 @@ def run() -> list[Result]:
             if runs:
                 print(f"    {names.get(prog, prog)!s:<36} {runs / cost.units:7.2f} runs per "
                       f"{what}, {ns / runs:6.0f} ns per run")
+    print(f"  the same programs attached and detached by this process between neighbouring "
+          f"rounds ({TOGGLE_PAIRS} pairs of {TOGGLE_S} s rounds per load):")
+    for load in LOADS:
+        print(f"  {load:5}  on/off median {_spread(flips.ratios[load])}")
     results = [
         Result("collector: flow records into Kafka per core", published / cpu,
                publisher_rate_per_core(FLOWS, samples.sample_flow()),
@@ -323,6 +382,13 @@ def run() -> list[Result]:
             f"{name}, collector on", median(b.rate(load) for b in on) / scale,
             median(b.rate(load) for b in off) / scale,
             f"collector off; paired on/off median {_spread(ratios[load])}", unit=unit))
+    for load, name, unit, scale in (("bulk", "loopback TCP bulk throughput", "MB/s", 1e6),
+                                    ("churn", "loopback TCP connections/s", "/s", 1.0)):
+        results.append(Result(
+            f"{name}, programs attached", median(flips.on[load]) / scale,
+            median(flips.off[load]) / scale,
+            f"detached; {TOGGLE_PAIRS} neighbouring pairs, median "
+            f"{_spread(flips.ratios[load])}", unit=unit))
     for cost in costs:
         results.append(Result(
             f"collector in-kernel time per {cost.what}", cost.net_ns / cost.units,
