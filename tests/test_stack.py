@@ -105,6 +105,11 @@ def test_down_stops_only_what_it_started(live_stack: Stack, settings: Settings,
             {"pid": bystander.pid, "create_time": psutil.Process(bystander.pid).create_time()
              - 1000}))
         assert stack.down() == []
+        # The same with the start time in ticks after boot that PID files now record.
+        stack.paths.pid_file("etcd").write_text(json.dumps(
+            {"pid": bystander.pid, "create_time": 0.0,
+             "start_ticks": (process.start_ticks(bystander.pid) or 0) - 1}))
+        assert stack.down() == []
         assert bystander.poll() is None, "down killed a process it did not start"
     finally:
         bystander.kill()

@@ -1,7 +1,10 @@
 """Start and stop one server process by PID, never by name.
 
 A PID file records the PID and the process's start time, so a PID the kernel has since given to
-another program is recognised as not ours and left alone.
+another program is recognised as not ours and left alone. The start time compared is the one
+the kernel keeps in clock ticks after boot (/proc/PID/stat), not a wall-clock time: when the
+machine's clock is stepped (time sync after boot), a wall-clock start time computed now
+differs from the one recorded, and the stack's own servers looked like strangers.
 """
 
 from __future__ import annotations
@@ -26,16 +29,32 @@ class StackError(RuntimeError):
 class PidRecord:
     pid: int
     create_time: float
+    start_ticks: int | None = None
+
+
+def start_ticks(pid: int) -> int | None:
+    """When the process started, in clock ticks after boot (field 22 of /proc/PID/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def read_pid(pid_file: Path) -> PidRecord | None:
     """The PID of a process this stack started and that is still running, else None."""
     try:
         data = json.loads(pid_file.read_text())
-        record = PidRecord(int(data["pid"]), float(data["create_time"]))
+        record = PidRecord(int(data["pid"]), float(data["create_time"]),
+                           data.get("start_ticks"))
         proc = psutil.Process(record.pid)
         # A recycled PID belongs to a process started later than ours.
-        if abs(proc.create_time() - record.create_time) > 1.0 or proc.status() == "zombie":
+        if record.start_ticks is not None:
+            ours = start_ticks(record.pid) == record.start_ticks
+        else:  # a PID file written before start_ticks was recorded
+            ours = abs(proc.create_time() - record.create_time) <= 1.0
+        if not ours or proc.status() == "zombie":
             return None
         return record
     except (FileNotFoundError, ValueError, KeyError, psutil.Error):
@@ -66,9 +85,9 @@ def start(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # survives the CLI; a terminal's Ctrl-C does not reach it
         )
-    record = PidRecord(proc.pid, psutil.Process(proc.pid).create_time())
+    record = PidRecord(proc.pid, psutil.Process(proc.pid).create_time(), start_ticks(proc.pid))
     pid_file.write_text(json.dumps({"pid": record.pid, "create_time": record.create_time,
-                                    "argv": list(argv)}))
+                                    "start_ticks": record.start_ticks, "argv": list(argv)}))
     return record
 
 
