@@ -10,10 +10,12 @@ For every row we compute
   byte rates and the reset rate, all on a log scale (``log1p``) except the error ratio, because
   rates and latencies are heavy-tailed and their changes are multiplicative;
 * ``<feature>__z``: the robust z-score of the window against the service's **own recent
-  baseline**: the median and MAD of the previous ``baseline_windows`` windows of that
+  baseline**: the median and spread of the previous ``baseline_windows`` windows of that
   (namespace, service), all revisions together, never including the window itself (no
-  look-ahead). The MAD is floored (:data:`SCALE_FLOOR`) so that a very steady service does not
-  turn noise into huge scores;
+  look-ahead). The spread is the larger of the MAD and the upper decile of the absolute
+  deviations (each as a normal's standard deviation: real latency quantiles have heavier tails
+  than a normal's), floored (:data:`SCALE_FLOOR`) so that a very steady service does not turn
+  noise into huge scores;
 * ``<feature>__rev``: when two revisions run in the same window, this revision's value minus the
   request-weighted mean of the other revisions' values (0 when it runs alone), also divided by
   the baseline scale.

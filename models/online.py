@@ -7,39 +7,53 @@ each service window into one :class:`clover.records.Anomaly`:
   calibrated score (its per-service, seasonal baseline plus the forest on the departures from
   the recent history);
 * otherwise it learns online. The evidence of a window is the robust z-score of each of its
-  features against the service's own recent history (median and MAD, never the window itself),
-  against the other revision running in the same window, and, for each caller, the latency the
-  caller saw on its calls to the service (the caller -> callee rows given to
-  :meth:`OnlineScorer.learn_edge`), against that edge's own history. A network delay, a slow
-  sidecar or a saturated listener show only there: the service's own spans time its handler.
+  features against the service's own recent history (median, and a spread that is the larger
+  of the MAD and the upper decile of the deviations; never the window itself), against the
+  other revision running in the same window, and two views from the caller -> callee rows given
+  to :meth:`OnlineScorer.learn_edge`, each against that edge's own history:
+
+  - **what each caller saw** of the service (latency p50/p90/p99 of its calls to it), less what
+    the caller's own slowness explains (the median z of its calls to at least ``MIN_CALLEES``
+    other services). A network delay, a slow sidecar or a saturated listener show only there:
+    the service's own spans time its handler;
+  - **how the service's own calls went**: the median, over the services it calls (at least
+    ``MIN_CALLEES``), of each call's median-latency z. One slow callee does not move it; a
+    caller starved of CPU slows all its calls.
+
   Each z-score has a tail probability (Student's t for the length of the history, one-sided
-  where only a rise hurts); the window's p-value is the smallest, Bonferroni-corrected for how
-  many were counted.
+  where only a rise hurts, except that a collapse of the service's median latency counts too:
+  requests that fail fast); the window's p-value is the smallest, Bonferroni-corrected for how
+  many were counted. A quantile is judged only when the window has a request beyond it (p90
+  from 10 requests, p99 from 100).
 * **Persistence**: one window is anomalous on its own only with decisive evidence; two
-  consecutive windows of the same revision are anomalous together with weaker evidence each.
-  With ``p`` the window's p-value and ``p'`` the previous window's, ``q = min(sqrt(p),
-  max(p', p))`` and the score is one minus ``min(1, 2 q**2)``, which under independent windows
-  is a p-value again (P(q <= x) <= 2 x**2), so the score stays calibrated: a threshold of 0.999
-  takes one window with p <= 0.0005, or two in a row with p <= 0.022 each.
+  consecutive windows of the same revision are anomalous together with the evidence one window
+  alone would need without persistence. With ``p`` the window's p-value and ``p'`` the previous
+  window's, ``q = min(sqrt(p), max(p', p))`` and the score is one minus ``min(1, q + q**2)``:
+  P(q <= x) <= x**2 + x under any dependence between the two windows (consecutive windows of a
+  real service are far from independent), so the score is still one minus a p-value. At the
+  0.999 threshold: one window with p <= 1e-6, or two in a row with p <= 1e-3 each. Evidence
+  from a thin window (fewer than ``min_requests`` requests, the service's own or a caller's)
+  never takes the single-window path.
 
 The verdict is ``inconclusive`` with a reason until the service has ``min_windows`` windows of
 history, and for a window too thin to judge: latency and errors are judged when the window has
-``min_requests`` requests, or, for a service whose usual window has fewer, at least half its
-usual count and two requests (its history is then of equally thin windows, so their spread is
-the spread such windows have); a thin service's thinner windows are inconclusive.
+``min_requests`` requests, or, for a service whose usual window has fewer but at least one (an
+e-mail or payment service), on its median against its own equally thin windows (their spread
+is the spread such windows have); otherwise a thin window is inconclusive.
 
-A window judged anomalous is not learned, nor one whose p-value alone would make the next window
-anomalous together with it, so a fault does not become the baseline it is measured against,
-unless the service stays so for ``relearn_after`` windows in a row: a lasting change (more
-traffic, a slower release that was kept) becomes the new normal. An edge's window is learned
-unless its callee's or its caller's window was held back.
+A window judged anomalous is not learned, nor a suspicious one (p <= sqrt((1 - threshold) / 2),
+about 0.022 at 0.999: a fault's first, not yet decisive windows would widen the baseline it is
+measured against), unless the service stays so for ``relearn_after`` windows in a row: a lasting
+change (more traffic, a slower release that was kept) becomes the new normal. A call's window is
+learned unless its callee's or its caller's window was held back.
 
 Revisions: the rows of one service and window arrive one by one; a revision is compared with
 the other revisions already seen in that window, and the service's history learns the window
 (revisions combined, weighted by requests) once a later window of the service arrives. Edges:
 the callers' rows of a window may arrive before or after the callee's own row (they are keyed
-by the caller, so they come from another partition); the callee's window is judged with each
-caller's view of the same window when it is already there, else of the window before.
+by the caller, so they come from another partition), and a service's own calls come after its
+own row (same key); a window is judged with each edge's window of the same time when it is
+already there, else of the window before.
 """
 
 from __future__ import annotations
@@ -207,8 +221,7 @@ class OnlineScorer:
 
     @property
     def hold_back_p(self) -> float:
-        """A window with a p-value at most this is not learned: with another such window
-        after it, the two are anomalous together."""
+        """A window with a p-value at most this is not learned (see the module's docstring)."""
         return float(np.sqrt((1.0 - self.threshold) / 2.0))
 
     # -- River's interface ----------------------------------------------------------------
