@@ -369,9 +369,6 @@ def test_cassandra_outage_is_waited_out_and_nothing_is_lost(
 
 
 @pytest.mark.outage
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect (issue 5 note): in about one run in three, the rebalance that follows a broker "
-    "restart leaves one window of one partition short of the records it had before the restart"))
 def test_kafka_broker_restart_is_resumed_without_loss(
         pipeline: Pipeline, live_stack: Stack) -> None:
     namespace = f"agg-{uuid.uuid4().hex[:8]}"
