@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from hypothesis import settings as hypothesis_settings
 from confluent_kafka.admin import AdminClient
+from hypothesis import settings as hypothesis_settings
 
 from clover import topics
 from clover.config import Settings, load_settings
