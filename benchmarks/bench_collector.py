@@ -376,19 +376,22 @@ def run() -> list[Result]:
                publisher_rate_per_core(FLOWS, samples.sample_flow()),
                "the same publisher producing ready-made records"),
     ]
+    # The ratio column is the median of the paired on/off ratios (each pair ran a moment
+    # apart), which the medians of all on and all off rounds need not give.
     for load, name, unit, scale in (("bulk", "loopback TCP bulk throughput", "MB/s", 1e6),
                                     ("churn", "loopback TCP connections/s", "/s", 1.0)):
         results.append(Result(
-            f"{name}, collector on", median(b.rate(load) for b in on) / scale,
-            median(b.rate(load) for b in off) / scale,
-            f"collector off; paired on/off median {_spread(ratios[load])}", unit=unit))
+            f"{name}, collector on, % of off", 100 * median(ratios[load]), 100.0,
+            f"paired median (range) {_spread(ratios[load])}; medians "
+            f"{median(b.rate(load) for b in on) / scale:,.0f} vs "
+            f"{median(b.rate(load) for b in off) / scale:,.0f} {unit}", unit="%"))
     for load, name, unit, scale in (("bulk", "loopback TCP bulk throughput", "MB/s", 1e6),
                                     ("churn", "loopback TCP connections/s", "/s", 1.0)):
         results.append(Result(
-            f"{name}, programs attached", median(flips.on[load]) / scale,
-            median(flips.off[load]) / scale,
-            f"detached; {TOGGLE_PAIRS} neighbouring pairs, median "
-            f"{_spread(flips.ratios[load])}", unit=unit))
+            f"{name}, BPF attached, % of detached", 100 * median(flips.ratios[load]), 100.0,
+            f"{TOGGLE_PAIRS} paired rounds: median {_spread(flips.ratios[load])}; medians "
+            f"{median(flips.on[load]) / scale:,.0f} vs {median(flips.off[load]) / scale:,.0f} "
+            f"{unit}", unit="%"))
     for cost in costs:
         results.append(Result(
             f"collector in-kernel time per {cost.what}", cost.net_ns / cost.units,
