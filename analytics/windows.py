@@ -58,19 +58,41 @@ RowKey = tuple[str, str, str, str | None, str | None]
 
 
 class SpanLike(Protocol):
-    """What aggregation reads of a span: a SpanRecord, or any decoded form with these fields."""
+    """What aggregation reads of a span: a SpanRecord, or any decoded form with these fields
+    (read-only here, so a narrower type such as SpanRecord's kind literal fits)."""
 
-    service: str
-    kind: str
-    start_us: int
-    duration_us: int
-    error: bool
-    namespace: str | None
-    revision: str | None
-    peer_namespace: str | None
-    peer_service: str | None
-    bytes_sent: int | None
-    bytes_received: int | None
+    @property
+    def service(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def start_us(self) -> int: ...
+
+    @property
+    def duration_us(self) -> int: ...
+
+    @property
+    def error(self) -> bool: ...
+
+    @property
+    def namespace(self) -> str | None: ...
+
+    @property
+    def revision(self) -> str | None: ...
+
+    @property
+    def peer_namespace(self) -> str | None: ...
+
+    @property
+    def peer_service(self) -> str | None: ...
+
+    @property
+    def bytes_sent(self) -> int | None: ...
+
+    @property
+    def bytes_received(self) -> int | None: ...
 
 
 @dataclass

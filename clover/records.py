@@ -641,7 +641,8 @@ def field_validator(record_type: type, fields: frozenset[str],
 
 # Schema keywords fast_decoder turns into msgspec types; any other makes it refuse the schema.
 _FAST_KEYWORDS = frozenset({"type", "enum", "const", "pattern", "minimum", "maximum",
-                            "minLength", "maxLength", "description"})
+                            "minLength", "maxLength", "description", "$ref", "anyOf",
+                            "format"})
 _JSON_TYPES: dict[str, Any] = {"string": str, "integer": int, "boolean": bool,
                                "number": float, "null": None}
 
@@ -652,35 +653,185 @@ def fast_decoder(record_type: type) -> Any:
     published schema as it parses, in C (msgspec): for the stream worker, where decode() with
     its schema check costs more than everything else the worker does with a record.
 
-    The struct type is made from the schema itself (types, nullability, required fields,
-    enums, consts, patterns, lengths, ranges, no unknown fields), so there is one contract.
+    The struct types are made from the schema itself (types, nullability, required fields,
+    enums, consts, patterns, lengths, ranges, nested objects, no unknown fields), so there is
+    one contract. What msgspec cannot express is checked after parsing: IP address formats
+    (with the addresses seen remembered, as they repeat), integer bounds beyond int64, and the
+    schema's cross-field rules (``allOf`` of if/then/else on consts, enums and types).
+
     It never accepts what the schema refuses (tests hold it to jsonschema on generated records);
     it may refuse a valid record in a corner it reads more strictly (1.0 for an integer), so a
-    refusal is for decode() to confirm and explain. A schema with rules it cannot express
-    (formats, nested objects, cross-field rules) is a TypeError: use decode() for that type.
-
-    The decoder raises msgspec.DecodeError (a subclass of ValueError) on anything it refuses.
+    refusal is for decode() to confirm and explain. A schema with rules it cannot express is a
+    TypeError: use decode() for that type. The decoder raises ValueError on anything it refuses.
     """
     schema = _ecma_patterns(load_schema(record_type))
-    extra = set(schema) - {"$schema", "$id", "title", "description", "type",
-                           "additionalProperties", "required", "properties"}
-    if extra or schema.get("additionalProperties") is not False:
+    extra = set(schema) - {"$schema", "$id", "title", "description", "type", "$defs",
+                           "additionalProperties", "required", "properties", "allOf"}
+    if extra:
         raise TypeError(f"{record_type.__name__}'s schema has rules a fast decoder cannot "
-                        f"check ({sorted(extra) or 'additional properties'})")
+                        f"check ({sorted(extra)})")
+    checks: list[Any] = []
+    struct = _fast_struct(record_type.__name__, schema, schema.get("$defs", {}), (), checks)
+    decode = msgspec.json.Decoder(struct).decode
+    required = set(schema.get("required", ()))
+    for rule in schema.get("allOf", ()):
+        checks.append(_cross_field_check(record_type.__name__, rule, required))
+    if not checks:
+        return decode
+
+    def decode_and_check(data: bytes) -> Any:
+        record = decode(data)
+        for check in checks:
+            check(record)
+        return record
+
+    return decode_and_check
+
+
+def _fast_struct(name: str, schema: dict[str, Any], defs: dict[str, Any],
+                 path: tuple[str, ...], checks: list[Any]) -> Any:
+    if schema.get("additionalProperties") is not False:
+        raise TypeError(f"{name} allows additional properties: a fast decoder cannot check it")
     required = set(schema.get("required", ()))
     fields: list[tuple[Any, ...]] = []
-    for name, rule in schema["properties"].items():
-        kind = _fast_type(record_type, name, rule)
-        if name in required:
-            fields.append((name, kind))
-        elif _allows_null(rule):
-            fields.append((name, kind, None))
+    for field_name, rule in schema["properties"].items():
+        where = (*path, field_name)
+        if "$ref" in rule:
+            target = rule["$ref"].removeprefix("#/$defs/")
+            if target not in defs or set(rule) - {"$ref", "description"}:
+                raise TypeError(f"{name}.{field_name}: a fast decoder follows only plain "
+                                f"references to $defs")
+            kind = _fast_struct(target, defs[target], defs, where, checks)
         else:
-            fields.append((name, kind | msgspec.UnsetType, msgspec.UNSET))
+            kind = _fast_type(name, field_name, rule)
+            _add_format_check(name, where, rule, checks)
+            _add_bound_check(where, rule, checks)
+        if field_name in required:
+            fields.append((field_name, kind))
+        elif "$ref" not in rule and _allows_null(rule):
+            fields.append((field_name, kind, None))
+        else:
+            fields.append((field_name, kind | msgspec.UnsetType, msgspec.UNSET))
     fields.sort(key=lambda f: len(f) > 2)  # required fields first, as Python requires
-    struct = msgspec.defstruct(f"Fast{record_type.__name__}", fields, kw_only=True,
-                               forbid_unknown_fields=True)
-    return msgspec.json.Decoder(struct).decode
+    return msgspec.defstruct(f"Fast{name}", fields, kw_only=True, forbid_unknown_fields=True)
+
+
+def _add_format_check(name: str, path: tuple[str, ...], rule: dict[str, Any],
+                      checks: list[Any]) -> None:
+    """IP formats (``format``, or ``anyOf`` of formats) are checked after parsing."""
+    formats = ([rule["format"]] if "format" in rule else
+               [option.get("format") for option in rule.get("anyOf", ())])
+    if not formats:
+        return
+    if set(formats) - {"ipv4", "ipv6"} or any(
+            set(option) != {"format"} for option in rule.get("anyOf", ())):
+        raise TypeError(f"{name}.{path[-1]}: a fast decoder checks only IP address formats")
+    read = operator.attrgetter(".".join(path))
+    valid = _valid_ip(frozenset(formats))
+    dotted = ".".join(path)
+
+    def check(record: Any) -> None:
+        value = read(record)
+        if value is not None and not valid(value):
+            raise ValueError(f"{dotted}: {value!r} is not an IP address of {sorted(formats)}")
+
+    checks.append(check)
+
+
+def _cross_field_check(name: str, rule: dict[str, Any], required: set[str]) -> Any:
+    """An ``if``/``then``/``else`` rule of the schema as a check of a parsed record."""
+    if set(rule) - {"if", "then", "else", "description"}:
+        raise TypeError(f"{name}: a fast decoder checks only if/then/else cross-field rules")
+    when, then, otherwise = (_branch(name, rule.get(key, {}), required)
+                             for key in ("if", "then", "else"))
+    text = rule.get("description", "a cross-field rule")
+
+    def check(record: Any) -> None:
+        if not (then if when(record) else otherwise)(record):
+            raise ValueError(f"{name}: {text}")
+
+    return check
+
+
+def _branch(name: str, rule: dict[str, Any], required: set[str]) -> Any:
+    """Whether a record matches a subschema of properties (const, enum, type) and required.
+
+    An optional nullable field reads None whether it was left out or null; so ``required`` is
+    accepted only for a field that is required anyway or that this branch keeps from being
+    null, where both readings give the same answer."""
+    properties = rule.get("properties", {})
+    if set(rule) - {"properties", "required"} or any(
+            set(p) - {"const", "enum", "type"} for p in properties.values()):
+        raise TypeError(f"{name}: a fast decoder checks only consts, enums and types in "
+                        "cross-field rules")
+    for field_name in rule.get("required", ()):
+        if field_name not in required and _allows_null(properties.get(field_name, {"type":
+                                                                                  "null"})):
+            raise TypeError(f"{name}.{field_name}: required in a cross-field rule but may be "
+                            "null")
+
+    def matches(record: Any) -> bool:
+        for field_name, allowed in properties.items():
+            value = getattr(record, field_name)
+            if value is msgspec.UNSET:
+                continue  # left out: the branch's properties do not apply
+            if "const" in allowed and not _same_json(value, allowed["const"]):
+                return False
+            if "enum" in allowed and not any(_same_json(value, v) for v in allowed["enum"]):
+                return False
+            if "type" in allowed and not _of_json_type(value, allowed["type"]):
+                return False
+        return all(getattr(record, field_name) is not msgspec.UNSET
+                   for field_name in rule.get("required", ()))
+
+    return matches
+
+
+def _same_json(value: Any, expected: Any) -> bool:
+    return value == expected and (type(value) is bool) == (type(expected) is bool)
+
+
+def _of_json_type(value: Any, kinds: str | list[str]) -> bool:
+    names = kinds if isinstance(kinds, list) else [kinds]
+    return any(
+        (kind == "null" and value is None)
+        or (kind == "integer" and type(value) is int)
+        or (kind == "number" and type(value) in (int, float))
+        or (kind == "string" and type(value) is str)
+        or (kind == "boolean" and type(value) is bool)
+        for kind in names)
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _add_bound_check(path: tuple[str, ...], rule: dict[str, Any], checks: list[Any]) -> None:
+    """msgspec cannot bound an integer beyond int64 (a cgroup id is a uint64): checked after
+    parsing."""
+    high = rule.get("maximum")
+    if high is None or high <= _INT64_MAX:
+        return
+    read = operator.attrgetter(".".join(path))
+    dotted = ".".join(path)
+
+    def check(record: Any) -> None:
+        value = read(record)
+        if value is not None and value > high:
+            raise ValueError(f"{dotted}: {value} is above the maximum {high}")
+
+    checks.append(check)
+
+
+@functools.cache
+def _valid_ip(formats: frozenset[str]) -> Any:
+    kinds = [_is_ip(ipaddress.IPv4Address if f == "ipv4" else ipaddress.IPv6Address)
+             for f in sorted(formats)]
+
+    @functools.lru_cache(maxsize=65_536)  # a node's flows repeat a few thousand addresses
+    def valid(text: str) -> bool:
+        return any(kind(text) for kind in kinds)
+
+    return valid
 
 
 def _allows_null(rule: dict[str, Any]) -> bool:
@@ -689,10 +840,10 @@ def _allows_null(rule: dict[str, Any]) -> bool:
         "enum", ())
 
 
-def _fast_type(record_type: type, name: str, rule: dict[str, Any]) -> Any:
+def _fast_type(record_name: str, name: str, rule: dict[str, Any]) -> Any:
     unknown = set(rule) - _FAST_KEYWORDS
     if unknown:
-        raise TypeError(f"{record_type.__name__}.{name} has rules a fast decoder cannot check "
+        raise TypeError(f"{record_name}.{name} has rules a fast decoder cannot check "
                         f"({sorted(unknown)})")
     if "const" in rule:
         return Literal[rule["const"]]  # type: ignore[valid-type]
@@ -703,11 +854,12 @@ def _fast_type(record_type: type, name: str, rule: dict[str, Any]) -> Any:
         kinds = rule["type"] if isinstance(rule["type"], list) else [rule["type"]]
         named = [kind for kind in kinds if kind != "null"]
         if len(named) != 1:
-            raise TypeError(f"{record_type.__name__}.{name} has types {kinds}")
+            raise TypeError(f"{record_name}.{name} has types {kinds}")
         base = _JSON_TYPES[named[0]]
         meta = {key: value for key, value in (
             ("pattern", rule.get("pattern")), ("ge", rule.get("minimum")),
-            ("le", rule.get("maximum")), ("min_length", rule.get("minLength")),
+            ("le", rule.get("maximum") if rule.get("maximum", 0) <= _INT64_MAX else None),
+            ("min_length", rule.get("minLength")),
             ("max_length", rule.get("maxLength"))) if value is not None}
         if meta:
             base = Annotated[base, msgspec.Meta(**meta)]

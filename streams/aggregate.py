@@ -4,9 +4,10 @@ windows -> Cassandra and clover.service-metrics, exact under crashes, restarts a
 Why not a Faust agent: Faust hands an agent one event at a time through its conductor, channel
 queues and futures, and that machinery alone held a worker to ~5k records/s on these machines
 (py-spy: ~89% of the time), whatever the agent did. This worker reads the same consumer group
-with confluent-kafka in batches of thousands, decodes them in C (clover.records.fast_decoder)
-and aggregates each batch on arrays (analytics/windows.py). The scoring and rollback agents,
-which see one record per service and window, stay Faust agents (streams/app.py).
+with confluent-kafka in batches of thousands, decodes and checks them in C
+(clover.records.fast_decoder) and aggregates spans on arrays (analytics/windows.py). The
+scoring and rollback agents, which see one record per service and window, stay Faust agents
+(streams/app.py).
 
 How exactness works (no transactions needed):
 
@@ -41,6 +42,7 @@ import itertools
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -101,6 +103,23 @@ class Stopping(Exception):
 
 
 @dataclass
+class _Chunk:
+    """Decoded records of one topic from one batch, waiting to be aggregated; ``start`` is the
+    first not yet taken."""
+
+    times: np.ndarray  # the time each record counts at (us)
+    messages: list[Any]
+    records: list[Any]
+    start: int = 0
+
+    def head(self) -> int:
+        return int(self.times[self.start])
+
+    def first_offset(self) -> int:
+        return int(self.messages[self.start].offset())
+
+
+@dataclass
 class _Partition:
     """What the worker holds for one partition index of both input topics."""
 
@@ -112,6 +131,9 @@ class _Partition:
     next_offset: dict[str, int] = field(default_factory=dict)
     committed: dict[str, int] = field(default_factory=dict)
     last_arrival: float = field(default_factory=time.monotonic)
+    # Decoded records waiting to be aggregated in time order across the topics, per topic.
+    queued: dict[str, deque[_Chunk]] = field(
+        default_factory=lambda: {topic: deque() for topic in INPUTS})
 
 
 class AggregationWorker:
@@ -142,6 +164,7 @@ class AggregationWorker:
         self.first_letter = ""
         self.stopping = False
         self.fast_span = records.fast_decoder(SpanRecord)
+        self.fast_flow = records.fast_decoder(FlowRecord)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -181,7 +204,8 @@ class AggregationWorker:
     # -- records in -------------------------------------------------------------------------
 
     def handle(self, messages: list[Any]) -> None:
-        """Aggregate a batch (what closed is written by the next _flush)."""
+        """Decode a batch into each partition's queues, then aggregate what may go in (what
+        closed is written by the next _flush)."""
         by_partition: dict[int, list[Any]] = {}
         for message in messages:
             error = message.error()
@@ -195,20 +219,15 @@ class AggregationWorker:
             if part is None:
                 continue  # no longer assigned here
             fresh = self._in_order(index, part, batch)
-            log.debug("partition %d: %d records, %d fresh", index, len(batch), len(fresh))
             if not fresh:
                 continue
             self.touched[index] = part
             part.last_arrival = time.monotonic()
-            # Runs of one topic in arrival order, so event time moves as it would record by
-            # record.
             for topic, same_topic in itertools.groupby(fresh, key=Message.topic):
                 run = list(same_topic)
                 RECORDS_IN.labels(topic).inc(len(run))
-                if topic == topics.SPANS.name:
-                    self.letters += self._add_spans(part, run)
-                else:
-                    self.letters += self._add_flows(part, run)
+                self._queue(part, str(topic), run)
+            self._aggregate(index, part)
 
     def _in_order(self, index: int, part: _Partition, batch: list[Any]) -> list[Any]:
         """The records of the batch that come next on their partitions. A record before the
@@ -232,45 +251,94 @@ class AggregationWorker:
                 jumped.add(topic)
         return fresh
 
-    def _add_spans(self, part: _Partition, run: list[Any]) -> int:
-        topic = topics.SPANS.name
-        spans: list[Any] = []
+    def _queue(self, part: _Partition, topic: str, run: list[Any]) -> None:
+        """Decode records into the topic's queue, with the time each counts at; a record
+        that does not decode or validate is dead-lettered here."""
+        fast, record_type = ((self.fast_span, SpanRecord) if topic == topics.SPANS.name
+                             else (self.fast_flow, FlowRecord))
+        decoded: list[Any] = []
         kept: list[Any] = []
-        letters = 0
         for message in run:
             value = message.value()
             try:
-                spans.append(self.fast_span(value))
+                decoded.append(fast(value))
             except (ValueError, TypeError):
                 # Refused by the fast check: decode() confirms, and explains, or accepts a
                 # corner the fast check reads more strictly.
                 try:
-                    spans.append(records.decode(SpanRecord, value or b""))
+                    decoded.append(records.decode(record_type, value or b""))
                 except RecordError as exc:
-                    letters += self._dead_letter(message, f"undecodable {topic} record: {exc}")
+                    self.letters += self._dead_letter(
+                        message, f"undecodable {topic} record: {exc}")
                     continue
             kept.append(message)
-        if spans:
-            accepted = part.aggregator.add_spans(spans, topic, [m.offset() for m in kept])
-            for i in np.flatnonzero(~accepted).tolist():
-                letters += self._refused(part, kept[i], spans[i].start_us
-                                         + spans[i].duration_us)
-        return letters
+        if decoded:
+            times = np.fromiter(
+                ((r.start_us + r.duration_us if record_type is SpanRecord
+                  else r.end_us or r.start_us + r.duration_us) for r in decoded),
+                np.int64, len(decoded))
+            part.queued[topic].append(_Chunk(times, kept, decoded))
 
-    def _add_flows(self, part: _Partition, run: list[Any]) -> int:
-        # Flows are one per connection, far fewer than spans: decode() checks every rule of
-        # their schema (formats, nested endpoints, cross-field rules) one by one.
-        topic = topics.FLOWS.name
-        letters = 0
-        for message in run:
-            try:
-                flow = records.decode(FlowRecord, message.value() or b"")
-            except RecordError as exc:
-                letters += self._dead_letter(message, f"undecodable {topic} record: {exc}")
-                continue
-            if not part.aggregator.add_flow(flow, topic, message.offset()):
-                letters += self._refused(part, message, flow.end_us or 0)
-        return letters
+    def _aggregate(self, index: int, part: _Partition) -> None:
+        """Aggregate the queued records of both topics in time order, as far as it is known.
+
+        Kafka keeps no order between the two topics, and a worker catching up may fetch one
+        far ahead of the other: taken as fetched, the first would move event time on and make
+        the other's records late. So records go in by time across the topics (within half the
+        allowed lateness: a topic's own disorder is what the lateness is for), and a topic's
+        records wait while the other topic has unread records that may be older."""
+        spans, flows = part.queued[topics.SPANS.name], part.queued[topics.FLOWS.name]
+        slack = part.aggregator.allowed_lateness_us / 2
+        while spans or flows:
+            if spans and flows:
+                if spans[0].head() <= flows[0].head():
+                    self._take(part, topics.SPANS.name, flows[0].head() + slack)
+                else:
+                    self._take(part, topics.FLOWS.name, spans[0].head() + slack)
+            elif spans and self._caught_up(index, part, topics.FLOWS.name):
+                self._take(part, topics.SPANS.name, float("inf"))
+            elif flows and self._caught_up(index, part, topics.SPANS.name):
+                self._take(part, topics.FLOWS.name, float("inf"))
+            else:
+                break  # the other topic's next records are not read yet
+
+    def _caught_up(self, index: int, part: _Partition, topic: str) -> bool:
+        """Whether every record of the topic's partition has been read (by the end offset
+        the last fetch brought)."""
+        try:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, index),
+                                                          cached=True)
+        except KafkaException:
+            return False
+        read = part.next_offset.get(topic)
+        return high >= 0 and read is not None and read >= high
+
+    def _take(self, part: _Partition, topic: str, until: float) -> None:
+        """Aggregate the topic's queued records up to the first one later than ``until``."""
+        messages: list[Any] = []
+        taken: list[Any] = []
+        chunks = part.queued[topic]
+        while chunks:
+            chunk = chunks[0]
+            later = np.flatnonzero(chunk.times[chunk.start:] > until)
+            stop = chunk.start + int(later[0]) if later.size else len(chunk.records)
+            messages += chunk.messages[chunk.start:stop]
+            taken += chunk.records[chunk.start:stop]
+            if stop < len(chunk.records):
+                chunk.start = stop
+                break
+            chunks.popleft()
+        if topic == topics.SPANS.name:
+            accepted = part.aggregator.add_spans(taken, topic, [m.offset() for m in messages])
+            refused = np.flatnonzero(~accepted).tolist()
+        else:
+            refused = [i for i, (flow, message) in enumerate(zip(taken, messages, strict=True))
+                       if not part.aggregator.add_flow(flow, topic, message.offset())]
+        for i in refused:
+            record = taken[i]
+            at = (record.start_us + record.duration_us if topic == topics.SPANS.name
+                  else record.end_us or 0)
+            self.letters += self._refused(part, messages[i], at)
 
     def _refused(self, part: _Partition, message: Any, at_us: int) -> int:
         """A record whose window had closed: counted before a restart, or late."""
@@ -305,8 +373,10 @@ class AggregationWorker:
         now = time.monotonic()
         idle = self.settings.streams.idle_close_seconds
         for index, part in self.partitions.items():
+            self._aggregate(index, part)  # records that waited for the other topic
             silent = now - part.last_arrival
-            if silent > idle and part.aggregator.windows:
+            waiting = any(part.queued.values())
+            if silent > idle and part.aggregator.windows and not waiting:
                 lag = self._lag(index, part, cached=False)
                 if lag is None:  # the broker did not answer: silence says nothing yet
                     part.last_arrival = now
@@ -402,8 +472,11 @@ class AggregationWorker:
         offsets = []
         for index, part in partitions:
             for topic, read in part.next_offset.items():
-                needed = part.aggregator.first_open_position(topic)
-                safe = read if needed is None else needed
+                needed = [position for position in (
+                    part.aggregator.first_open_position(topic),
+                    part.queued[topic][0].first_offset() if part.queued[topic] else None)
+                    if position is not None]
+                safe = min(needed) if needed else read
                 if part.committed.get(topic) != safe:
                     offsets.append((part, TopicPartition(topic, index, safe)))
         if not offsets:

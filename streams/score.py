@@ -1,10 +1,11 @@
 """The scoring agent: service windows in, verdicts out (`clover models agent`).
 
 A Faust agent on clover.service-metrics (the app of streams/app.py, under its own id and
-consumer group, [models] group_id). Each service window (edge rows are skipped: only a
-service's own rows are scored) goes through :class:`models.online.OnlineScorer`, and its
-:class:`~clover.records.Anomaly` goes to clover.anomalies and to Cassandra
-(analytics/anomalies.py).
+consumer group, [models] group_id). Each service window goes through
+:class:`models.online.OnlineScorer`, and its :class:`~clover.records.Anomaly` goes to
+clover.anomalies and to Cassandra (analytics/anomalies.py). Caller -> callee rows get no
+verdict of their own: they tell the scorer what callers saw of the callee (a network delay
+shows only there), and the callee's windows are judged with them.
 
 The model: the file at [models] model_path when it exists (a file that exists but cannot be
 used stops the agent with the reason: silently scoring without the model an operator trained
@@ -51,8 +52,9 @@ class ScoreMetrics:
         self.registry = registry
         self.verdicts = Counter("clover_score_verdicts", "Scored service windows, by verdict",
                                 ["verdict"], registry=registry)
-        self.skipped = Counter("clover_score_edges_skipped",
-                               "Caller -> callee rows, which are not scored", registry=registry)
+        self.edges = Counter("clover_score_edges_learned",
+                             "Caller -> callee rows taken as what callers saw of the callee "
+                             "(no verdict of their own)", registry=registry)
         self.deadletters = Counter("clover_score_deadletters",
                                    "Records that could not be decoded (sent to clover.deadletter)",
                                    registry=registry)
@@ -74,9 +76,12 @@ class ScoringService:
         self._lock = threading.Lock()
 
     def handle(self, window: ServiceMetrics) -> Anomaly | None:
-        """Score one window and record the verdict; None for an edge row."""
+        """Score one window and record the verdict; None for an edge row, which the scorer
+        learns as what the caller saw of the callee."""
         if window.peer_service is not None:
-            self.metrics.skipped.inc()
+            with self._lock:
+                self.scorer.learn_edge(window)
+            self.metrics.edges.inc()
             return None
         with self._lock:
             anomaly = self.scorer.process(window, now_us=_now_us())

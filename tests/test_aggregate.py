@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from analytics.windows import aggregate
 from clover import records
 from clover.config import Settings, load_settings
 from clover.kafka import consumer_config, producer_config
-from clover.records import DeadLetter, ServiceMetrics, SpanRecord
+from clover.records import DeadLetter, Endpoint, FlowRecord, ServiceMetrics, SpanRecord
 from clover.stack import Stack
 from clover.topics import DEADLETTER, FLOWS, SPANS
 from tests.conftest import SHARED_DATA, TopicReader
@@ -168,11 +168,46 @@ def make_spans(namespace: str, count: int, services: int = 6, seed: int = 1) -> 
     return spans
 
 
-def produce(settings: Settings, spans: list[SpanRecord]) -> None:
+def make_flows(namespace: str, spans: list[SpanRecord], seed: int = 1) -> list[FlowRecord]:
+    """TCP connections to the spans' services within the spans' time range: closed and reset
+    ones, both sides of some (two records, one connection), and open updates (not counted)."""
+    rng = random.Random(seed)
+    first = min(s.start_us + s.duration_us for s in spans)
+    last = max(s.start_us + s.duration_us for s in spans)
+    flows = []
+    for i in range(len(spans) // 10):
+        end_us = first + (last - first) * i // (len(spans) // 10)
+        duration = rng.randint(100, 3_000_000)
+        state = rng.choice(["closed", "closed", "reset", "open"])
+        service = f"svc{i % 6}"
+        for side in (("src", "dst") if i % 3 == 0 else ("src",)):
+            flows.append(FlowRecord(
+                observer="tcp_lifecycle", node="n1", protocol="tcp", ip_version=4,
+                src=Endpoint("10.1.0.1", 30000 + i, namespace, "client", "client-1", "c1"),
+                dst=Endpoint("10.1.0.2", 8080, namespace, service, f"{service}-1", "rev0"),
+                bytes_sent=rng.randint(0, 10_000), bytes_received=rng.randint(0, 10_000),
+                packets_sent=3, packets_received=4, start_us=end_us - duration,
+                duration_us=duration, end_us=None if state == "open" else end_us,
+                state=state, observed_at=side))
+    return flows
+
+
+def produce(settings: Settings, spans: list[SpanRecord],
+            flows: Sequence[FlowRecord] = ()) -> None:
+    """Spans in their order, with the flows among them by the time they ended, as live
+    traffic would bring them."""
     producer = Producer(producer_config(settings))
-    for span in spans:
+    ends = [s.start_us + s.duration_us for s in spans]
+    flows = sorted(flows, key=lambda f: f.end_us or f.start_us + f.duration_us)
+    at = 0
+    for span, end_us in zip(spans, ends, strict=True):
+        while at < len(flows) and (flows[at].end_us or flows[at].start_us) <= end_us:
+            producer.produce(FLOWS.name, key=flows[at].key(), value=records.encode(flows[at]))
+            at += 1
         producer.produce(SPANS.name, key=span.key(), value=records.encode(span))
         producer.poll(0)
+    for flow in flows[at:]:
+        producer.produce(FLOWS.name, key=flow.key(), value=records.encode(flow))
     assert producer.flush(30) == 0
 
 
@@ -214,10 +249,12 @@ def _keys(rows: list[ServiceMetrics]) -> list[tuple[Any, ...]]:
 def test_worker_writes_exactly_the_offline_aggregate(pipeline: Pipeline) -> None:
     namespace = f"agg-{uuid.uuid4().hex[:8]}"
     spans = make_spans(namespace, 6000)
+    flows = make_flows(namespace, spans)
     pipeline.start_worker()
-    produce(pipeline.settings, spans)
-    expected = aggregate(spans, window_seconds=WINDOW_S)
+    produce(pipeline.settings, spans, flows)
+    expected = aggregate(spans, flows, window_seconds=WINDOW_S)
     assert sum(r.requests for r in expected if r.peer_service is None) == 4800
+    assert sum(r.connections_closed + r.connections_reset for r in expected) > 100
     assert_rows_equal(pipeline.wait_for_rows(namespace, expected), expected)
 
 
