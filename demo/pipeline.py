@@ -164,7 +164,7 @@ class Pipeline:
             Component("worker", [*clover, "stream", "worker"],
                       self.env(CLOVER_STREAMS_APP_ID=f"clover-demo-{run}-aggregate",
                                CLOVER_STREAMS_METRICS_PORT=str(p.worker_metrics)),
-                      logs / "worker.log", _faust_ready),
+                      logs / "worker.log", _worker_ready),
             Component("scorer", [*clover, "models", "agent"],
                       self.env(CLOVER_MODELS_GROUP_ID=f"clover-demo-{run}-score",
                                # No trained model: the scorer learns the demo's services online.
@@ -249,3 +249,8 @@ class Pipeline:
 
 def _faust_ready(text: str) -> bool:
     return "[^Worker]: Ready" in text
+
+
+def _worker_ready(text: str) -> bool:
+    """The aggregation worker has joined its group and holds partitions."""
+    return "clover.streams.aggregate: assigned" in text
