@@ -96,6 +96,7 @@ POLL_S = 0.2  # the longest a consume() waits for a trickle
 # has caught up writes after every batch.
 WRITE_EVERY_S = 0.5
 TICK_S = 1.0  # how often quiet partitions are looked at and lag is reported
+HELD_UP_S = 1.0  # a write that took longer was held up by a server (see tick)
 
 
 class Stopping(Exception):
@@ -162,6 +163,8 @@ class AggregationWorker:
         self.touched: dict[int, _Partition] = {}
         self.letters = 0
         self.first_letter = ""
+        # When the worker last had trouble reaching Kafka or Cassandra (see tick).
+        self.disturbed_at = 0.0
         self.stopping = False
         self.fast_span = records.fast_decoder(SpanRecord)
         self.fast_flow = records.fast_decoder(FlowRecord)
@@ -212,6 +215,7 @@ class AggregationWorker:
             if error is not None:
                 if error.code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error: %s", error)
+                    self.disturbed_at = time.monotonic()
                 continue
             by_partition.setdefault(message.partition(), []).append(message)
         for index, batch in by_partition.items():
@@ -374,12 +378,15 @@ class AggregationWorker:
         idle = self.settings.streams.idle_close_seconds
         for index, part in self.partitions.items():
             self._aggregate(index, part)  # records that waited for the other topic
-            silent = now - part.last_arrival
+            # Silence counts from the last record, or from the end of the last trouble with
+            # the servers: while the broker was away or the worker was held up retrying a
+            # write, it read nothing, and producers were holding their records back.
+            silent = now - max(part.last_arrival, self.disturbed_at)
             waiting = any(part.queued.values())
             if silent > idle and part.aggregator.windows and not waiting:
                 lag = self._lag(index, part, cached=False)
                 if lag is None:  # the broker did not answer: silence says nothing yet
-                    part.last_arrival = now
+                    self.disturbed_at = now
                 elif lag == 0 and part.aggregator.event_time_us:
                     part.aggregator.advance(part.aggregator.event_time_us
                                             + round(silent * 1e6))
@@ -568,9 +575,13 @@ class AggregationWorker:
         Waiting here is what keeps the stream exact during an outage: nothing further is read or
         committed until the write has happened."""
         delay = 0.5
+        started = time.monotonic()
         while True:
             try:
-                return call()
+                result = call()
+                if time.monotonic() - started > HELD_UP_S:  # e.g. a flush while Kafka was away
+                    self.disturbed_at = time.monotonic()
+                return result
             except Exception as exc:  # noqa: BLE001 - any failure of the server is retried
                 if self.stopping:
                     raise Stopping from exc
