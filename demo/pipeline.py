@@ -10,6 +10,7 @@ from the defaults, and why; the README's "The demo" section repeats it.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -90,12 +91,23 @@ def _free(port: int) -> bool:
 
 
 def _any_free_port(taken: set[int]) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in taken:
+    """A free port below the kernel's ephemeral range: a port the kernel handed out as free
+    (bind to 0) comes from that range, and before the component binds it, any outgoing
+    connection (to Kafka, Cassandra) may be given it as its local port."""
+    high = _ephemeral_range()[0]
+    low = min(20_000, high // 2)
+    for port in random.sample(range(low, high), high - low):
+        if port not in taken and _free(port):
             return port
+    raise RuntimeError(f"no free port between {low} and {high}")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 @dataclass
