@@ -37,6 +37,10 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
+        # librdkafka 2.x waits 1 s before fetching again for a partition whose local queue was
+        # full; a consumer that then drains the queue sits idle for the rest of that second
+        # (measured: a 1 s stall in every 300k-record read; 10 ms removes it).
+        "fetch.queue.backoff.ms": 10,
         **overrides,
     }
 
