@@ -20,7 +20,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from analytics.store import connect
 from benchmarks.common import Result
-from clover.config import Settings, load_settings
+from clover.config import load_settings
 from clover.kafka import consumer_config
 from clover.topics import SPANS
 from tests.test_aggregate import _start_group_at_the_end, make_spans, produce
@@ -38,7 +38,7 @@ def run() -> list[Result]:
         settings = load_settings(environ=dict(
             os.environ, CLOVER_CASSANDRA_KEYSPACE=f"bench_aggregate_{uuid.uuid4().hex[:8]}"))
         try:
-            worker_rate, starts = _worker_round(settings)
+            worker_rate, starts = _worker_round(settings.cassandra.keyspace)
             worker_rates.append(worker_rate)
             raw_rates.append(_raw_consume_rate(settings, starts))
         finally:  # after the baseline: dropping a keyspace keeps Cassandra busy for a while
@@ -52,11 +52,10 @@ def run() -> list[Result]:
                    "raw confluent-kafka consume of the same topic")]
 
 
-def _worker_round(settings: Settings) -> tuple[float, list[TopicPartition]]:
+def _worker_round(keyspace: str) -> tuple[float, list[TopicPartition]]:
     """One worker in a new group reads N spans put on the topic while it was suspended."""
     group = f"bench-aggregate-{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ, CLOVER_STREAMS_APP_ID=group,
-               CLOVER_CASSANDRA_KEYSPACE=settings.cassandra.keyspace,
+    env = dict(os.environ, CLOVER_STREAMS_APP_ID=group, CLOVER_CASSANDRA_KEYSPACE=keyspace,
                CLOVER_STREAMS_METRICS_PORT=str(METRICS_PORT))
     settings = load_settings(environ=env)
     _start_group_at_the_end(settings, group)

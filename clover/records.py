@@ -726,16 +726,22 @@ def _add_format_check(name: str, path: tuple[str, ...], rule: dict[str, Any],
     if set(formats) - {"ipv4", "ipv6"} or any(
             set(option) != {"format"} for option in rule.get("anyOf", ())):
         raise TypeError(f"{name}.{path[-1]}: a fast decoder checks only IP address formats")
+    checks.append(_field_check(path, _valid_ip(frozenset(formats)),
+                               f"is not an IP address of {sorted(formats)}"))
+
+
+def _field_check(path: tuple[str, ...], valid: Any, problem: str) -> Any:
+    """A check of one (nested) field of a parsed record: a value that is there and not
+    ``valid`` raises ValueError naming the field and the ``problem``."""
     read = operator.attrgetter(".".join(path))
-    valid = _valid_ip(frozenset(formats))
     dotted = ".".join(path)
 
     def check(record: Any) -> None:
         value = read(record)
         if value is not None and not valid(value):
-            raise ValueError(f"{dotted}: {value!r} is not an IP address of {sorted(formats)}")
+            raise ValueError(f"{dotted}: {value!r} {problem}")
 
-    checks.append(check)
+    return check
 
 
 def _cross_field_check(name: str, rule: dict[str, Any], required: set[str]) -> Any:
@@ -811,15 +817,8 @@ def _add_bound_check(path: tuple[str, ...], rule: dict[str, Any], checks: list[A
     high = rule.get("maximum")
     if high is None or high <= _INT64_MAX:
         return
-    read = operator.attrgetter(".".join(path))
-    dotted = ".".join(path)
-
-    def check(record: Any) -> None:
-        value = read(record)
-        if value is not None and value > high:
-            raise ValueError(f"{dotted}: {value} is above the maximum {high}")
-
-    checks.append(check)
+    checks.append(_field_check(path, lambda value: value <= high,
+                               f"is above the maximum {high}"))
 
 
 @functools.cache

@@ -309,18 +309,13 @@ class AggregationWorker:
     def _caught_up(self, index: int, part: _Partition, topic: str) -> bool:
         """Whether every record of the topic's partition has been read (by the end offset
         the last fetch brought)."""
-        try:
-            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, index),
-                                                          cached=True)
-        except KafkaException:
-            return False
-        read = part.next_offset.get(topic)
-        return high >= 0 and read is not None and read >= high
+        return self._topic_lag(index, part, topic, cached=True) == 0
 
     def _take(self, part: _Partition, topic: str, until: float) -> None:
         """Aggregate the topic's queued records up to the first one later than ``until``."""
         messages: list[Any] = []
         taken: list[Any] = []
+        times: list[int] = []
         chunks = part.queued[topic]
         while chunks:
             chunk = chunks[0]
@@ -328,6 +323,7 @@ class AggregationWorker:
             stop = chunk.start + int(later[0]) if later.size else len(chunk.records)
             messages += chunk.messages[chunk.start:stop]
             taken += chunk.records[chunk.start:stop]
+            times += chunk.times[chunk.start:stop].tolist()
             if stop < len(chunk.records):
                 chunk.start = stop
                 break
@@ -339,10 +335,7 @@ class AggregationWorker:
             refused = [i for i, (flow, message) in enumerate(zip(taken, messages, strict=True))
                        if not part.aggregator.add_flow(flow, topic, message.offset())]
         for i in refused:
-            record = taken[i]
-            at = (record.start_us + record.duration_us if topic == topics.SPANS.name
-                  else record.end_us or 0)
-            self.letters += self._refused(part, messages[i], at)
+            self.letters += self._refused(part, messages[i], times[i])
 
     def _refused(self, part: _Partition, message: Any, at_us: int) -> int:
         """A record whose window had closed: counted before a restart, or late."""
@@ -400,17 +393,25 @@ class AggregationWorker:
         say). ``cached`` uses the end offsets the last fetches brought, without asking."""
         total = 0
         for topic in INPUTS:
-            tp = TopicPartition(topic, index)
-            try:
-                _, high = self.consumer.get_watermark_offsets(tp, timeout=2, cached=cached)
-            except KafkaException:
+            lag = self._topic_lag(index, part, topic, cached=cached)
+            if lag is None:
                 return None
-            read = part.next_offset.get(topic, self.assigned.get((topic, index), -1))
-            if high < 0 or read < 0:
-                return None
-            LAG.labels(topic, index).set(max(0, high - read))
-            total += max(0, high - read)
+            total += lag
         return total
+
+    def _topic_lag(self, index: int, part: _Partition, topic: str, *,
+                   cached: bool) -> int | None:
+        """Records on one topic's partition not yet read (None if unknown)."""
+        try:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, index),
+                                                          timeout=2, cached=cached)
+        except KafkaException:
+            return None
+        read = part.next_offset.get(topic, self.assigned.get((topic, index), -1))
+        if high < 0 or read < 0:
+            return None
+        LAG.labels(topic, index).set(max(0, high - read))
+        return max(0, high - read)
 
     # -- windows out ------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from cassandra import InvalidRequest
@@ -178,7 +178,8 @@ def make_flows(namespace: str, spans: list[SpanRecord], seed: int = 1) -> list[F
     for i in range(len(spans) // 10):
         end_us = first + (last - first) * i // (len(spans) // 10)
         duration = rng.randint(100, 3_000_000)
-        state = rng.choice(["closed", "closed", "reset", "open"])
+        states: list[Literal["closed", "reset", "open"]] = ["closed", "closed", "reset", "open"]
+        state = rng.choice(states)
         service = f"svc{i % 6}"
         for side in (("src", "dst") if i % 3 == 0 else ("src",)):
             flows.append(FlowRecord(
