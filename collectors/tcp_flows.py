@@ -5,8 +5,10 @@ kernel has none).
 The BPF program (bpf/tcp_flows.c) keeps one entry per live connection and sends one ring-buffer
 event per closed connection; counters come straight from the socket at offsets read from the
 running kernel's BTF, because the headers BCC compiles against do not match its layouts. Its
-programs are raw tracepoints (the tracepoint's arguments only, no perf record filled in for
-every state change, send and receive), and fields used together are copied in one read.
+programs are raw tracepoints on state changes only (the tracepoint's arguments only, no perf
+record filled in; nothing per send or receive), and fields used together are copied in one
+read. A long-lived connection's counters are read from its socket when its periodic update is
+due, by a program user space runs for that connection (collectors/testrun.py).
 
 Records leave as ready-encoded Kafka messages (key, flow.v1 JSON), built from plain dicts in
 FlowRecord's field order: at 100k+ records/s the dataclasses, a per-record attribution
@@ -33,6 +35,7 @@ from clover.records import SCHEMA_VERSION, Endpoint, service_key
 from collectors import ringbuf
 from collectors.btf import Btf, as_cflags
 from collectors.environment import bpf_environment
+from collectors.testrun import RawTracepointRunner
 
 PROGRAM = Path(__file__).with_name("bpf") / "tcp_flows.c"
 
@@ -42,11 +45,12 @@ OFFSETS: dict[str, tuple[str, str]] = {
     "SKC_DADDR": ("sock", "__sk_common.skc_daddr"),
     "SKC_RCV_SADDR": ("sock", "__sk_common.skc_rcv_saddr"),
     "SKC_DPORT": ("sock", "__sk_common.skc_dport"),
-    "SKC_NUM": ("sock", "__sk_common.skc_num"),
     "SKC_FAMILY": ("sock", "__sk_common.skc_family"),
+    "SKC_STATE": ("sock", "__sk_common.skc_state"),
     "SKC_NET": ("sock", "__sk_common.skc_net"),
     "SKC_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
     "SKC_V6_RCV_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr"),
+    "INET_SPORT": ("inet_sock", "inet_sport"),
     "TCP_BYTES_ACKED": ("tcp_sock", "bytes_acked"),
     "TCP_BYTES_RECEIVED": ("tcp_sock", "bytes_received"),
     "TCP_SEGS_IN": ("tcp_sock", "segs_in"),
@@ -118,7 +122,9 @@ class TcpFlowCollector:
         self._ring: ringbuf.RingReader | None = None  # where supported; else libbpf's consumer
         self._emit: Emit | None = None  # poll's, while it runs
         self._error: BaseException | None = None  # raised by _emit during a drain
-        self._reported: dict[int, int] = {}  # live socket -> snapshot_ns last reported
+        self._refresh: RawTracepointRunner | None = None  # runs bpf/tcp_flows.c's refresh
+        # live socket -> its counters when last reported
+        self._reported: dict[int, tuple[int, ...]] = {}
         # Per drain: raw address -> (text, IP version, attribution), and comm bytes -> text.
         # Cleared on every poll, so attribution is never staler than one drain.
         self._ends: dict[bytes, tuple[Any, ...]] = {}
@@ -136,7 +142,6 @@ class TcpFlowCollector:
             *window_cflags(btf),
             f"-DMAX_CONNS={self.max_connections}",
             f"-DRINGBUF_PAGES={self.ring_buffer_pages}",
-            f"-DSNAPSHOT_NS={int(self.snapshot_interval_s * 1e9)}",
         ]
         self._bpf = BPF(src_file=str(PROGRAM).encode(), cflags=cflags)
 
@@ -152,6 +157,9 @@ class TcpFlowCollector:
                                             self._event.format)
         else:
             events.open_ring_buffer(self._on_event)
+        # Attached nowhere: snapshots() runs it for each long-lived connection it reports.
+        refresh = self._bpf.load_func(b"refresh", BPF.RAW_TRACEPOINT)
+        self._refresh = RawTracepointRunner(refresh.fd)
 
     def __enter__(self) -> TcpFlowCollector:
         self.start()
@@ -193,26 +201,34 @@ class TcpFlowCollector:
         return self.events - events
 
     def snapshots(self, emit: Emit) -> int:
-        """Emit a state="open" update for each live connection whose counters were refreshed
-        since its last update and that has lived at least one snapshot interval; say how many."""
+        """Emit a state="open" update for each live connection that has lived at least one
+        snapshot interval and whose counters moved since its last update, with its counters
+        read from the socket now; say how many."""
         now_ns = time.monotonic_ns()
         interval_ns = int(self.snapshot_interval_s * 1e9)
+        live, refresh = self._bpf[b"live"], self._refresh
+        if refresh is None:
+            raise RuntimeError("snapshots() before start()")
+        reported: dict[int, tuple[int, ...]] = {}
         updates = 0
-        live = self._bpf[b"live"]
-        seen = set()
         for key, leaf in live.items():
-            sk = key.value
-            seen.add(sk)
-            conn = self._conn.read(ctypes.addressof(leaf))
-            start_ns, snapshot_ns, established = conn[0], conn[1], conn[12]
-            if (not established or now_ns - start_ns < interval_ns
-                    or snapshot_ns <= self._reported.get(sk, 0)):
+            if now_ns - leaf.start_ns < interval_ns:
                 continue
-            self._reported[sk] = snapshot_ns
-            emit(*self._message(conn, 0, None, "open", now_ns))
-            updates += 1
-        # Forget connections that have closed.
-        self._reported = {sk: ns for sk, ns in self._reported.items() if sk in seen}
+            sk = key.value
+            if refresh.run(sk) != 0:
+                continue  # closed meanwhile, or not established yet
+            try:
+                leaf = live[key]  # held: the memory read below is the leaf's
+            except KeyError:
+                continue  # closed since the refresh
+            conn = self._conn.read(ctypes.addressof(leaf))
+            counters = conn[2:6]  # bytes_acked, bytes_received, segs_in, segs_out
+            reported[sk] = counters
+            if counters != self._reported.get(sk):
+                emit(*self._message(conn, 0, None, "open"))
+                updates += 1
+        # Connections that have closed are forgotten.
+        self._reported = reported
         return updates
 
     def live_connections(self) -> int:
@@ -250,10 +266,11 @@ class TcpFlowCollector:
             self._ends[raw] = end
         return end
 
-    def _message(self, fields: tuple[Any, ...], first: int, end_ns: int | None, state: str,
-                 now_ns: int | None = None) -> tuple[bytes, bytes]:
-        """The record of a closed connection (``end_ns``), or of an open one as of ``now_ns``
-        with the counters of its latest snapshot: its key and flow.v1 JSON, fields in
+    def _message(self, fields: tuple[Any, ...], first: int, end_ns: int | None,
+                 state: str) -> tuple[bytes, bytes]:
+        """The record of a closed connection (``end_ns``), or of an open one as of its latest
+        snapshot (``snapshot_ns``, when refresh read its counters): its key and flow.v1 JSON,
+        fields in
         FlowRecord's order. ``fields[first:]`` starts with struct conn_t's, in CONN_FIELDS
         order."""
         (start_ns, snapshot_ns, bytes_acked, bytes_received, segs_in, segs_out, cgroup_id,
@@ -275,7 +292,7 @@ class TcpFlowCollector:
         name = self._comms.get(comm)
         if name is None:
             name = self._comms[comm] = comm.split(b"\0", 1)[0].decode(errors="replace") or None
-        last_ns = end_ns if end_ns is not None else (now_ns or snapshot_ns)
+        last_ns = end_ns if end_ns is not None else snapshot_ns
         wall = self._wall_offset_ns
         # The server side's service when known, else the client's, else its address.
         key = dst[6] if dst[3] or not src[3] else src[6]

@@ -1,19 +1,26 @@
 // TCP connection lifecycle, in the manner of BCC's tcplife: one event per connection when it
-// closes, with counters read from the socket, plus in-kernel snapshots of live connections.
+// closes, with counters read from the socket; user space asks for fresh counters of live
+// connections when it reports them (see refresh below).
 //
 // Raw tracepoints (BPF_PROG_TYPE_RAW_TRACEPOINT): the program gets the tracepoint's own
 // arguments (the socket, the states) and reads only what it needs from the socket, only when
 // it needs it. For a classic tracepoint program the kernel first fills in the event's whole
-// record (addresses, ports, ...) in a perf buffer on every state change, send and receive.
+// record (addresses, ports, ...) in a perf buffer on every state change.
+//
+// Only state changes are traced, about ten per connection, and most return at once: nothing
+// runs per send or receive, so what the collector costs does not grow with the traffic a
+// connection carries. What a connection's states do not say is read from its socket at the
+// close (counters, addresses; which FINs were exchanged follows from the state it closed
+// from), or when user space refreshes a live one.
 //
 // Struct layouts of this kernel differ from the headers BCC compiles against, so every field
 // of struct sock / tcp_sock / net is read at a byte offset taken from the running kernel's BTF
 // and passed in as a -D macro (see collectors/btf.py and OFFSETS in collectors/tcp_flows.py):
-// SK_PROTOCOL, SKC_* (struct sock_common), TCP_* (struct tcp_sock), NET_NS_INUM.
+// SK_PROTOCOL, SKC_* (struct sock_common), INET_SPORT, TCP_* (struct tcp_sock), NET_NS_INUM.
 // Fields read together are read in one copy of the span that holds them (a "window"): the
 // SKC_WINDOW_* and TCP_WINDOW_* macros give its start (8-aligned) and length, also from BTF;
 // where a kernel spreads them wider than MAX_WINDOW bytes, each field is read on its own.
-// Also -D MAX_CONNS, RINGBUF_PAGES, SNAPSHOT_NS.
+// Also -D MAX_CONNS, RINGBUF_PAGES.
 
 #include <uapi/linux/ptrace.h>
 
@@ -32,18 +39,20 @@
 
 struct conn_t {
     u64 start_ns;
-    u64 snapshot_ns;     // when the counters below were last read from the socket
+    u64 snapshot_ns;     // when refresh last read the counters below from the socket
     u64 bytes_acked;     // bytes this socket sent that the peer acknowledged
     u64 bytes_received;
     u64 segs_in;
     u64 segs_out;
     u64 cgroup_id;
     u32 srtt_us;
-    u32 pid;             // 0 until known: an accepted socket is born in softirq context
+    u32 pid;             // 0 until known: an accepted socket is born in softirq context and
+                         // learns its owner when the owner closes it
     u32 netns;
     u8 active;           // 1: this socket connect()ed; 0: it was accept()ed
     u8 reset;
-    u8 established;      // addresses below are set once the connection is established
+    // The fields below are set at the close (in the event) and by refresh.
+    u8 established;
     // The kernel's byte counters include one for each SYN and FIN in sequence space; these
     // say which FINs were exchanged, so user space can report payload bytes exactly.
     u8 fin_in;           // the peer's FIN arrived
@@ -101,17 +110,20 @@ static __always_inline void read_counters(void *sk, struct conn_t *c) {
 }
 
 // Addresses and ports (host byte order) as the classic tracepoint's record has them, and the
-// network namespace, from the socket's sock_common (skc_num and skc_rcv_saddr are what
-// inet_sport and inet_saddr hold for a connected socket).
-static __always_inline void store_addrs(void *sk, struct conn_t *c) {
-    u16 family, dport;
+// network namespace, from the socket; returns the socket's state. The local port is
+// inet_sock's inet_sport, which a closing socket keeps (its skc_num is cleared when the port
+// is released, before the move to CLOSE is traced); the local address is skc_rcv_saddr, which
+// is what inet_saddr holds for a connected socket.
+static __always_inline u8 read_sock(void *sk, struct conn_t *c) {
+    u16 family, dport, sport = 0;
+    u8 state;
     void *net;
 #if SKC_WINDOW_LEN <= MAX_WINDOW
     u64 w[SKC_WINDOW_LEN / 8];
     bpf_probe_read_kernel(w, sizeof(w), sk + SKC_WINDOW_START);
     family = FIELD(w, SKC_WINDOW_START, SKC_FAMILY, u16);
     dport = FIELD(w, SKC_WINDOW_START, SKC_DPORT, u16);
-    c->sport = FIELD(w, SKC_WINDOW_START, SKC_NUM, u16);
+    state = FIELD(w, SKC_WINDOW_START, SKC_STATE, u8);
     net = FIELD(w, SKC_WINDOW_START, SKC_NET, void *);
     if (family == FAMILY_INET6) {
         __builtin_memcpy(c->saddr, (u8 *)w + SKC_V6_RCV_SADDR - SKC_WINDOW_START, 16);
@@ -123,14 +135,13 @@ static __always_inline void store_addrs(void *sk, struct conn_t *c) {
         __builtin_memcpy(c->daddr, (u8 *)w + SKC_DADDR - SKC_WINDOW_START, 4);
     }
 #else
-    u16 sport = 0;
     family = dport = 0;
+    state = 0;
     net = 0;
     bpf_probe_read_kernel(&family, 2, sk + SKC_FAMILY);
     bpf_probe_read_kernel(&dport, 2, sk + SKC_DPORT);
-    bpf_probe_read_kernel(&sport, 2, sk + SKC_NUM);
+    bpf_probe_read_kernel(&state, 1, sk + SKC_STATE);
     bpf_probe_read_kernel(&net, sizeof(net), sk + SKC_NET);
-    c->sport = sport;
     if (family == FAMILY_INET6) {
         bpf_probe_read_kernel(c->saddr, 16, sk + SKC_V6_RCV_SADDR);
         bpf_probe_read_kernel(c->daddr, 16, sk + SKC_V6_DADDR);
@@ -141,12 +152,15 @@ static __always_inline void store_addrs(void *sk, struct conn_t *c) {
         bpf_probe_read_kernel(c->daddr, 4, sk + SKC_DADDR);
     }
 #endif
+    bpf_probe_read_kernel(&sport, 2, sk + INET_SPORT);
     c->family = family;
+    c->sport = __builtin_bswap16(sport);
     c->dport = __builtin_bswap16(dport);
     u32 inum = 0;
     if (net)
         bpf_probe_read_kernel(&inum, 4, net + NET_NS_INUM);
     c->netns = inum;
+    return state;
 }
 
 static __always_inline void read_task(struct conn_t *c) {
@@ -176,25 +190,20 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
             count_lost(1);
         return 0;
     }
-    // Entering FIN_WAIT1 (our FIN sent) or LAST_ACK (ours after the peer's) changes nothing
-    // the record keeps: no lookup.
-    if (state == ST_FIN_WAIT1 || state == ST_LAST_ACK)
+    // Our side closes (FIN_WAIT1: first; LAST_ACK: after the peer): the owner's close() or
+    // shutdown(), run in its own context. An accepted socket, born in softirq context, learns
+    // its owner here.
+    if (state == ST_FIN_WAIT1 || state == ST_LAST_ACK) {
+        struct conn_t *c = live.lookup(&sk);  // only TCP sockets are in the table
+        if (c && c->pid == 0)
+            read_task(c);
         return 0;
-    // Only TCP sockets are in the table: a hit says it is TCP.
+    }
+    if (state != ST_CLOSE)
+        return 0;  // the other states change nothing the record keeps
     struct conn_t *c = live.lookup(&sk);
     if (!c)
         return 0;  // not TCP, or opened before the collector attached
-    if (state == ST_ESTABLISHED) {
-        store_addrs(skp, c);  // and the network namespace
-        c->established = 1;
-        return 0;
-    }
-    if (state == ST_CLOSE_WAIT || state == ST_CLOSING)
-        c->fin_in = 1;
-    if (state == ST_FIN_WAIT2)
-        c->fin_out_acked = 1;
-    if (state != ST_CLOSE)
-        return 0;
 
     struct event_t *e = events.ringbuf_reserve(sizeof(struct event_t));
     if (!e) {
@@ -203,25 +212,25 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
         return 0;
     }
     e->conn = *c;
+    read_sock(skp, &e->conn);  // and the network namespace
     read_counters(skp, &e->conn);
     e->end_ns = bpf_ktime_get_ns();
+    e->conn.established = old != ST_SYN_SENT && old != ST_SYN_RECV;
+    // Which FINs were exchanged, from the state the connection closed from: the peer's FIN
+    // arrived in CLOSE_WAIT, CLOSING and LAST_ACK; ours was acknowledged in FIN_WAIT2. CLOSING
+    // and LAST_ACK close when our FIN is acknowledged, FIN_WAIT2 when the peer's FIN arrives
+    // (or, rarely, on the FIN_WAIT2 timeout of an orphan, which this cannot tell apart), unless
+    // a reset received (tcp_receive_reset) closed them.
+    u8 reset_in = c->reset;
+    e->conn.fin_in = old == ST_CLOSE_WAIT || old == ST_CLOSING || old == ST_LAST_ACK ||
+                     (old == ST_FIN_WAIT2 && !reset_in);
+    e->conn.fin_out_acked = old == ST_FIN_WAIT2 ||
+                            ((old == ST_CLOSING || old == ST_LAST_ACK) && !reset_in);
     // Closing straight from these states means the connection was aborted, not shut down.
     if (old == ST_ESTABLISHED || old == ST_SYN_SENT || old == ST_SYN_RECV ||
         old == ST_CLOSE_WAIT || old == ST_FIN_WAIT1)
         e->conn.reset = 1;
-    if (!e->conn.reset) {
-        // FIN_WAIT2 -> CLOSE is the move to TIME_WAIT on the peer's FIN (or, rarely, the
-        // FIN_WAIT2 timeout of an orphan, which this cannot tell apart); CLOSING and LAST_ACK
-        // close when our FIN is acknowledged.
-        if (old == ST_FIN_WAIT2)
-            e->conn.fin_in = 1;
-        if (old == ST_CLOSING || old == ST_LAST_ACK)
-            e->conn.fin_out_acked = 1;
-    }
     e->oldstate = old;
-    // An established connection's addresses were stored then and have not changed since.
-    if (!c->established)
-        store_addrs(skp, &e->conn);
     // No wakeup per event: user space drains the buffer in batches (a wakeup per closed
     // connection would cost more than the event itself).
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
@@ -238,30 +247,22 @@ RAW_TRACEPOINT_PROBE(tcp_receive_reset) {
     return 0;
 }
 
-// Every send and receive that moved data on a tracked socket: learn the owner of an accepted
-// socket, and refresh the counters of a long-lived connection at most once per SNAPSHOT_NS.
-// trace_sock_send_length / trace_sock_recv_length(struct sock *sk, int ret, int flags)
-static __always_inline int on_io(struct bpf_raw_tracepoint_args *ctx) {
-    if ((int)ctx->args[1] <= 0)
-        return 0;  // an error, or the end of the stream: nothing moved
+// Not attached anywhere: user space runs it (BPF_PROG_TEST_RUN) for one live connection,
+// args[0] its socket, to read the connection's counters, addresses and state as they are now,
+// for the periodic update of a long-lived connection. Returns 0 when the entry was refreshed,
+// 1 when the connection has gone, 2 when it is not established yet.
+int refresh(struct bpf_raw_tracepoint_args *ctx) {
     u64 sk = ctx->args[0];
-    struct conn_t *c = live.lookup(&sk);  // only TCP sockets are in the table
+    struct conn_t *c = live.lookup(&sk);
     if (!c)
-        return 0;
-    if (c->pid == 0)
-        read_task(c);
-    u64 now = bpf_ktime_get_ns();
-    if (now - c->snapshot_ns >= SNAPSHOT_NS) {
-        read_counters((void *)sk, c);
-        c->snapshot_ns = now;
-    }
+        return 1;
+    u8 state = read_sock((void *)sk, c);
+    if (state == ST_SYN_SENT || state == ST_SYN_RECV)
+        return 2;
+    read_counters((void *)sk, c);
+    c->established = 1;
+    c->fin_in = state == ST_CLOSE_WAIT || state == ST_CLOSING || state == ST_LAST_ACK;
+    c->fin_out_acked = state == ST_FIN_WAIT2;
+    c->snapshot_ns = bpf_ktime_get_ns();
     return 0;
-}
-
-RAW_TRACEPOINT_PROBE(sock_send_length) {
-    return on_io(ctx);
-}
-
-RAW_TRACEPOINT_PROBE(sock_recv_length) {
-    return on_io(ctx);
 }
