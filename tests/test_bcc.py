@@ -112,3 +112,30 @@ def test_flow_collector_reads_its_ring_buffer_exactly_both_ways(
     # No attribution here: every key is the server's address.
     for key, value in published:
         assert key == f"unknown/{records.decode(FlowRecord, value).dst.addr}".encode()
+
+
+def test_a_program_run_from_user_space_gets_its_arguments(bpf_environment: None) -> None:
+    """collectors/testrun.py: what the flow collector uses to refresh a live connection."""
+    from bcc import BPF
+
+    from collectors.testrun import RawTracepointRunner
+
+    bpf = BPF(text=b"""
+    BPF_ARRAY(seen, u64, 2);
+    int echo(struct bpf_raw_tracepoint_args *ctx) {
+        int first = 0, second = 1;
+        u64 a = ctx->args[0], b = ctx->args[1];
+        seen.update(&first, &a);
+        seen.update(&second, &b);
+        return (int)(a + b);
+    }
+    """)
+    try:
+        runner = RawTracepointRunner(bpf.load_func(b"echo", BPF.RAW_TRACEPOINT).fd, nargs=2)
+        assert runner.run(1 << 40 | 5, 7) == 12
+        seen = bpf[b"seen"]
+        assert [seen[ctypes.c_int(i)].value for i in (0, 1)] == [1 << 40 | 5, 7]
+        with pytest.raises(OSError, match="BPF_PROG_TEST_RUN"):
+            RawTracepointRunner(-1).run(0)
+    finally:
+        bpf.cleanup()

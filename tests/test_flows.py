@@ -207,8 +207,8 @@ def test_long_lived_connection_gets_periodic_updates(pair: VethPair, flow_settin
     reader = topic_reader(FLOWS.name)
     collector = RunningCollector(flow_settings)
     try:
-        # The client pauses 3.5 s mid-request; updates come every second.
-        _converse(pair, pair.ip_b, 4000, 100, pause=3.5)
+        # The client pauses 3.5 s halfway through its request; updates are due every second.
+        client_port, client_pid, _, _ = _converse(pair, pair.ip_b, 4000, 100, pause=3.5)
     finally:
         collector.stop()
     flows = _flows(reader, pair.ip_a, pair.ip_b)
@@ -218,8 +218,18 @@ def test_long_lived_connection_gets_periodic_updates(pair: VethPair, flow_settin
     assert updates, "no periodic update of a connection that lived 3.5 s"
     for update in updates:
         assert update.end_us is None
+        assert update.src.port == client_port
         assert 0 < update.bytes_sent <= 4000
         assert update.duration_us >= 1_000_000
+    # Counters are read from the socket when the update is due: during the pause each end has
+    # seen exactly the first half. An end's counters stay put through the pause, so it is
+    # reported once then, not every second.
+    paused = [r for r in updates if (r.bytes_sent, r.bytes_received) == (2000, 0)]
+    assert sorted(r.observed_at or "" for r in paused) == ["dst", "src"]
+    # The connecting end's process is known from connect(); the accepting end learns its
+    # process only when its owner closes it.
+    assert [r.pid for r in paused if r.observed_at == "src"] == [client_pid]
+    assert [r.pid for r in paused if r.observed_at == "dst"] == [None]
     assert all((r.bytes_sent, r.bytes_received) == (4000, 100) for r in final)
 
 
