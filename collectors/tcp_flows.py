@@ -34,7 +34,7 @@ import orjson
 from clover.records import SCHEMA_VERSION, Endpoint, service_key
 from collectors import ringbuf
 from collectors.btf import Btf, as_cflags
-from collectors.environment import bpf_environment
+from collectors.environment import CollectorError, bpf_environment
 from collectors.testrun import RawTracepointRunner
 
 PROGRAM = Path(__file__).with_name("bpf") / "tcp_flows.c"
@@ -160,6 +160,14 @@ class TcpFlowCollector:
         # Attached nowhere: snapshots() runs it for each long-lived connection it reports.
         refresh = self._bpf.load_func(b"refresh", BPF.RAW_TRACEPOINT)
         self._refresh = RawTracepointRunner(refresh.fd)
+        try:
+            self._refresh.run(0)  # no such socket: says whether the kernel can run it at all
+        except OSError as exc:
+            self.close()
+            raise CollectorError(
+                f"this kernel cannot run a BPF program on demand ({exc}); the flow collector "
+                "needs BPF_PROG_TEST_RUN for raw tracepoints (Linux 5.10 or later) to update "
+                "live connections") from None
 
     def __enter__(self) -> TcpFlowCollector:
         self.start()
