@@ -31,9 +31,12 @@ each service window into one :class:`clover.records.Anomaly`:
   window's, ``q = min(sqrt(p), max(p', p))`` and the score is one minus ``min(1, q + q**2)``:
   P(q <= x) <= x**2 + x under any dependence between the two windows (consecutive windows of a
   real service are far from independent), so the score is still one minus a p-value. At the
-  0.999 threshold: one window with p <= 1e-6, or two in a row with p <= 1e-3 each. Evidence
-  from a thin window (fewer than ``min_requests`` requests, the service's own or a caller's)
-  never takes the single-window path.
+  0.999 threshold: one window with p <= 1e-6, or two in a row with p <= 1e-3 each. Thin
+  evidence never takes the single-window path: any from a window of fewer than
+  ``min_requests`` requests (the service's own or a caller's), and a latency quantile with
+  fewer than ``min_requests / 2`` requests beyond it (a p90 of fewer than 50 requests, a p99
+  of fewer than 500: set by a few requests, such a tail moves further than the history's
+  spread says when a caller has a hiccup).
 
 The verdict is ``inconclusive`` with a reason until the service has ``min_windows`` windows of
 history, and for a window too thin to judge: latency and errors are judged when the window has
@@ -81,7 +84,7 @@ from models.features import (
     z_name,
 )
 
-ONLINE_DETECTOR = "online_robust_baseline@2"
+ONLINE_DETECTOR = "online_robust_baseline@3"
 # Latency and error features mean little over a handful of requests.
 _PER_REQUEST = np.array([f.startswith("latency") or f == "error_ratio" for f in BASE_FEATURES])
 _EDGE_SCORED = np.array([f in EDGE_SCORED for f in EDGE_FEATURES])
@@ -91,6 +94,12 @@ _EDGE_SCORED = np.array([f in EDGE_SCORED for f in EDGE_FEATURES])
 _TAIL = {"latency_p90_ms": 10, "latency_p99_ms": 100}
 _TAIL_OWN = np.array([_TAIL.get(f, 0) for f in BASE_FEATURES])
 _TAIL_EDGE = np.array([_TAIL.get(f, 0) for f in EDGE_SCORED])
+# The share of a window's requests on the far side of each latency quantile: the requests the
+# quantile rests on (a p90 of 18 calls is set by the slowest two).
+_BEYOND = {"latency_p50_ms": 0.5, "latency_p90_ms": 0.1, "latency_p99_ms": 0.01}
+_BEYOND_OWN = np.array([_BEYOND.get(f, 1.0) for f in BASE_FEATURES])
+_BEYOND_EDGE = np.array([_BEYOND.get(f, 1.0) for f in EDGE_SCORED])
+_BEYOND_CALLS = np.array([_BEYOND["latency_p50_ms"]])
 _OWN_NAMES = [z_name(f) for f in BASE_FEATURES] + [rev_name(f) for f in BASE_FEATURES]
 # A service's median latency that collapses says something too: requests that fail fast or
 # return early (recorded spans may carry no status at all). What callers see is judged on rises.
@@ -158,17 +167,18 @@ class _Evidence:
     tails: list[float] = field(default_factory=list)
     values: list[float] = field(default_factory=list)  # raw units
     baselines: list[float] = field(default_factory=list)
-    thin: list[bool] = field(default_factory=list)  # from fewer than min_requests requests
+    thin: list[bool] = field(default_factory=list)  # may not decide alone (OnlineScorer._thin)
 
     def add(self, names: Sequence[str], labels: Sequence[str], z: np.ndarray, history: int,
-            values: Sequence[float], baselines: Sequence[float], thin: bool = False) -> None:
+            values: Sequence[float], baselines: Sequence[float],
+            thin: bool | Sequence[bool] = False) -> None:
         self.names += list(names)
         self.labels += list(labels)
         self.z += [float(v) for v in z]
         self.tails += [float(t) for t in feature_tails(z, names, history, _TWO_SIDED)]
         self.values += list(values)
         self.baselines += list(baselines)
-        self.thin += [thin] * len(names)
+        self.thin += [thin] * len(names) if isinstance(thin, bool) else [bool(t) for t in thin]
 
     def p_value(self, *, thin: bool = True) -> float:
         """The smallest tail, Bonferroni-corrected for all the tails counted (NaN for none);
@@ -305,7 +315,8 @@ class OnlineScorer:
         evidence.add(_OWN_NAMES, list(BASE_FEATURES) + [f"{f} vs other revisions"
                                                           for f in BASE_FEATURES],
                      np.concatenate([z, rev]), len(history), raw_values + raw_values,
-                     raw_medians + raw_medians, thin=metrics.requests < self.min_requests)
+                     raw_medians + raw_medians,
+                     thin=np.tile(self._thin(metrics.requests, _BEYOND_OWN), 2))
         self._edge_evidence(metrics, evidence)
         self._call_evidence(metrics, evidence, len(history))
         p = evidence.p_value()
@@ -318,6 +329,16 @@ class OnlineScorer:
         reason = None if self.model is None else f"{key} is not in the trained model: scored " \
             "against its recent history"
         return verdict(score, reason, ONLINE_DETECTOR, evidence), p
+
+    def _thin(self, requests: float, beyond: np.ndarray) -> np.ndarray:
+        """Which evidence of a window of ``requests`` requests is thin (may not decide alone):
+        all of it when the window has fewer than ``min_requests``, and a latency quantile
+        with fewer than ``min_requests / 2`` requests beyond it (``beyond``: the share of
+        requests past each feature's quantile, 1 for features that are not quantiles). For
+        the median this is the window rule itself; a p90 decides alone from 50 requests,
+        a p99 from 500. A tail quantile of fewer rests on a few requests, and a couple of
+        slow ones (a caller's hiccup) moves it further than the history's spread says."""
+        return (requests < self.min_requests) | (requests * beyond < self.min_requests / 2)
 
     def _enough(self, requests: int, usual: float) -> bool:
         """Whether latency and errors of a window of ``requests`` requests can be judged
@@ -359,7 +380,7 @@ class OnlineScorer:
                                                        strict=True)],
                          [to_raw(f, m) for f, m in zip(EDGE_SCORED, medians[_EDGE_SCORED],
                                                        strict=True)],
-                         thin=requests < self.min_requests)
+                         thin=self._thin(requests, _BEYOND_EDGE))
 
     def _call_evidence(self, metrics: ServiceMetrics, evidence: _Evidence,
                        history: int) -> None:
@@ -376,7 +397,7 @@ class OnlineScorer:
         evidence.add(["latency_p50_ms__calls"],
                      [f"latency_p50_ms of its calls to {callees} services (median)"],
                      np.array([z]), history, [value], [baseline],
-                     thin=requests < self.min_requests)
+                     thin=self._thin(requests, _BEYOND_CALLS))
 
     def _calls_median(self, caller: str, start_us: int, window_us: int,
                       leave_out: str | None = None) -> tuple[float, float, float, int,

@@ -238,3 +238,26 @@ def test_a_caller_whose_calls_all_slow_down_is_flagged_not_for_one_slow_callee()
     for callee in callees:
         assert all(v.verdict == "normal" for v in verdicts[callee][6:40]), callee
     assert all(v.verdict == "normal" for v in verdicts["cart"][44:])
+
+
+@pytest.mark.parametrize("calls", [20, 200])
+def test_a_tail_quantile_of_few_requests_does_not_decide_alone(calls: int) -> None:
+    # What a caller saw: its p90 jumps fivefold while the median stays (a couple of slow calls:
+    # a caller's hiccup). From 20 calls the p90 is set by the slowest two and needs the next
+    # window to agree; from 200 (20 beyond it) one window is enough.
+    frame = synthetic_metrics(windows=50, services=("cart",))
+    edges = []
+    for i, edge in enumerate(_edges(frame)):
+        tail = 5.0 if i in (30, 40, 41) else 1.0
+        edges.append(dataclasses.replace(edge, requests=calls,
+                                         latency_p90_ms=edge.latency_p90_ms * tail,
+                                         latency_p99_ms=edge.latency_p99_ms * tail))
+    scorer = OnlineScorer(min_requests=10)
+    verdicts = []
+    for own, edge in zip(as_records(frame), edges, strict=True):
+        scorer.learn_edge(edge)
+        verdicts.append(scorer.process(own))
+    flagged = [i for i, v in enumerate(verdicts) if v.verdict == "anomalous"]
+    assert flagged == ([30, 40, 41] if calls == 200 else [41])
+    assert verdicts[41].contributions[0].feature == "latency_p90_ms seen by shop/frontend"
+    assert verdicts[30].contributions[0].feature == "latency_p90_ms seen by shop/frontend"
