@@ -200,7 +200,7 @@ def bpf_stats() -> Iterator[None]:
 # statistics block. Its run_time_ns per run (where it runs often, so warm: the churn load) is
 # what the statistics themselves add to every run (a clock read) plus entering a program; the
 # collector's programs are reported both as measured and less that floor per run.
-FLOOR_PROGRAM = b"RAW_TRACEPOINT_PROBE(sock_recv_length) { return 0; }"
+FLOOR_PROGRAM = b"RAW_TRACEPOINT_PROBE(inet_sock_set_state) { return 0; }"
 
 
 @dataclass
