@@ -171,7 +171,7 @@ class _Evidence:
 
     def add(self, names: Sequence[str], labels: Sequence[str], z: np.ndarray, history: int,
             values: Sequence[float], baselines: Sequence[float],
-            thin: bool | Sequence[bool] = False) -> None:
+            thin: bool | Sequence[bool] | np.ndarray = False) -> None:
         self.names += list(names)
         self.labels += list(labels)
         self.z += [float(v) for v in z]
