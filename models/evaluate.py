@@ -155,6 +155,9 @@ class NezhaResult:
     false_alarm_windows: int
     false_alarm_episodes: int
     false_alarms: list[Anomaly] = field(default_factory=list)
+    # The fault-free window judged normal with the highest score: how near the threshold the
+    # day's normal came (one day's zero false alarms says little when this is close).
+    nearest_normal: Anomaly | None = None
 
     @property
     def detected(self) -> int:
@@ -296,6 +299,7 @@ def evaluate_nezha(directory: Path, scorer: OnlineScorer, window_seconds: int = 
                    for f in faults)
 
     free_windows = {a.window_start_us for a in anomalies if not fault_time(a)}
+    normal = [a for a in anomalies if a.verdict == "normal" and not fault_time(a)]
     false_alarms = [a for a in anomalies if a.verdict == "anomalous" and not fault_time(a)]
     episodes, last = 0, dict[str, int]()
     for a in false_alarms:
@@ -307,7 +311,8 @@ def evaluate_nezha(directory: Path, scorer: OnlineScorer, window_seconds: int = 
         inconclusive=sum(a.verdict == "inconclusive" for a in anomalies),
         fault_free_hours=len(free_windows) * window_seconds / 3600,
         false_alarm_windows=len(false_alarms), false_alarm_episodes=episodes,
-        false_alarms=false_alarms)
+        false_alarms=false_alarms,
+        nearest_normal=max(normal, key=lambda a: a.score or 0.0, default=None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,6 +354,10 @@ def nezha_report(result: NezhaResult) -> str:
         f"{result.f1(True):.2f} (faults with data)",
         "  median detection delay " + ("-" if delay is None else f"{delay:.0f} s of data time"),
     ]
+    if result.nearest_normal is not None:
+        a = result.nearest_normal
+        lines.append(f"  highest score of a normal fault-free window: {a.score} "
+                     f"({a.service} {when(a.window_start_us)}; threshold {a.threshold})")
     for a in result.false_alarms[:10]:
         top = ", ".join(f"{c.feature} {c.value:.4g} vs {c.baseline:.4g}"
                         for c in a.contributions if c.value is not None

@@ -76,3 +76,33 @@ def test_nezha_faults_without_trace_files_have_no_data_and_the_rest_are_scored()
     assert payment.service == "paymentservice" and payment.scorable_windows > 0
     # No file covers the checkout network delay at 04:52:55.
     assert by_time[1661143975_000_000].outcome == "no data"
+
+
+def test_false_alarms_and_the_nearest_normal_are_counted_in_fault_free_time_only(
+        tmp_path: Path) -> None:
+    import json
+
+    from models.evaluate import nezha_report
+    from tests.test_models_features import as_records, synthetic_metrics
+
+    # 60 windows of cart; one fault at window 40 (its 150 s cover windows 39-55). A decisive
+    # spike at 20 is a false alarm; a moderate bump at 30 stays normal but comes nearest; the
+    # spike at 45 is the fault's, not a false alarm.
+    frame = synthetic_metrics(windows=60, services=("cart",), seed=3,
+                              spikes={("cart", 20): {"latency": 8.0},
+                                      ("cart", 45): {"latency": 8.0}})
+    frame.loc[frame.index[30], ["latency_p50_ms", "latency_p90_ms", "latency_p99_ms"]] *= 1.3
+    start_s = int(frame["window_start_us"].iloc[0]) // 1_000_000
+    (tmp_path / "fault_list.json").write_text(json.dumps({"00": [{
+        "inject_time": "", "inject_timestamp": str(start_s + 400),
+        "inject_pod": "cart-5f6585d649-fnmft", "inject_type": "cpu_contention"}]}))
+    result = evaluate_nezha(tmp_path, OnlineScorer(), metrics=as_records(frame))
+    assert [a.window_start_us for a in result.false_alarms] == \
+        [int(frame["window_start_us"].iloc[20])]
+    assert result.false_alarm_episodes == 1 and result.faults[0].detected
+    nearest = result.nearest_normal
+    assert nearest is not None and nearest.verdict == "normal"
+    assert nearest.window_start_us == int(frame["window_start_us"].iloc[30])
+    assert nearest.score < nearest.threshold
+    assert f"highest score of a normal fault-free window: {nearest.score}" in \
+        nezha_report(result)
