@@ -423,6 +423,74 @@ def test_the_fast_decoder_refuses_whatever_the_schema_refuses(record_type: type,
         records.fast_decoder(record_type)(json.dumps(data))
 
 
+def _schema_valid(record_type: type, data: dict[str, Any]) -> bool:
+    try:
+        validate(record_type, data)
+    except RecordError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("record_type", [SpanRecord, FlowRecord])
+@given(draws=st.data())
+def test_the_batch_decoder_takes_a_batch_exactly_when_the_schema_takes_every_record(
+        record_type: type, draws: st.DataObject) -> None:
+    names = [name for name in SAMPLE_NAMES if type(SAMPLES[name]()) is record_type]
+    valid = samples(names).map(lambda case: case[2])
+    invalid = st.one_of(missing_required(names), wrong_type(names), out_of_range(names),
+                        unknown_field(names)).map(lambda case: case[1])
+    # Mostly valid records, so that about half the batches are wholly valid.
+    record = st.integers(0, 9).flatmap(lambda k: valid if k < 8 else invalid)
+    batch = draws.draw(st.lists(record, min_size=1, max_size=6))
+    decoded = records.batch_decoder(record_type)([json.dumps(data).encode() for data in batch])
+    if all(_schema_valid(record_type, data) for data in batch):
+        import msgspec
+
+        # A valid record the fast decoders read more strictly may refuse the batch; none
+        # of the samples is such a corner.
+        assert decoded is not None
+        assert [msgspec.to_builtins(d) for d in decoded] == [
+            to_dict(from_dict(record_type, data)) for data in batch]
+    else:
+        assert decoded is None
+
+
+# Ids as producers might send them: mostly valid (so that whole batches are valid too), else
+# near misses (all zeros, a wrong length, upper case, a newline or comma) or anything at all.
+_HEX = "0123456789abcdef"
+_bad_ids = st.one_of(st.sampled_from(["0" * 16, "0" * 32, "0" * 15, "1" * 24, "A" * 16]),
+                     st.text(_HEX + "ABCDEF0g,\n ", min_size=14, max_size=34),
+                     st.text(max_size=40))
+
+
+def _ids(*lengths: int) -> st.SearchStrategy[str]:
+    valid = st.one_of(*(st.text(_HEX, min_size=n, max_size=n) for n in lengths))
+    return st.integers(0, 9).flatmap(lambda k: valid if k < 8 else _bad_ids)
+
+
+@given(st.lists(st.tuples(_ids(16, 32), _ids(16), st.one_of(st.none(), _ids(16))),
+                min_size=1, max_size=5))
+def test_the_batch_decoder_checks_ids_as_the_schema_patterns_do(
+        batch: list[tuple[str, str, str | None]]) -> None:
+    """The id patterns are checked on the batch's id columns at once, not by regex per record:
+    the verdict must still be the schema's, record for record."""
+    spans = []
+    for trace_id, span_id, parent in batch:
+        data = to_dict(sample_span())
+        data.update(trace_id=trace_id, span_id=span_id, parent_span_id=parent)
+        spans.append(data)
+    decoded = records.batch_decoder(SpanRecord)([json.dumps(d).encode() for d in spans])
+    assert (decoded is not None) == all(_schema_valid(SpanRecord, d) for d in spans)
+
+
+def test_the_batch_decoder_refuses_a_batch_with_a_missing_value() -> None:
+    value = encode(sample_span())
+    assert records.batch_decoder(SpanRecord)([value, value]) is not None
+    assert records.batch_decoder(SpanRecord)([value, None]) is None  # a tombstone
+    assert records.batch_decoder(SpanRecord)([value, b"{"]) is None
+    assert records.batch_decoder(SpanRecord)([]) == []
+
+
 def test_the_fast_span_decoder_reads_a_valid_span_field_for_field() -> None:
     import msgspec
 
