@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import base64
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from ddsketch import DDSketch
@@ -136,15 +137,74 @@ class Window:
             self.first_positions[source] = position
 
 
-def _span_row(span: SpanLike) -> RowKey | None:
+def _span_row(kind: str, namespace: str | None, service: str, revision: str | None,
+              peer_namespace: str | None, peer_service: str | None) -> RowKey | None:
     """The row a span counts in: its service's (a request), an edge's, or none."""
-    kind = span.kind
     if kind in _REQUEST_KINDS:
-        return (span.namespace or UNKNOWN, span.service, span.revision or UNKNOWN, None, None)
-    if kind in _EDGE_KINDS and span.peer_service:
-        return (span.namespace or UNKNOWN, span.service, span.revision or UNKNOWN,
-                span.peer_namespace, span.peer_service)
+        return (namespace or UNKNOWN, service, revision or UNKNOWN, None, None)
+    if kind in _EDGE_KINDS and peer_service:
+        return (namespace or UNKNOWN, service, revision or UNKNOWN, peer_namespace,
+                peer_service)
     return None
+
+
+# What decides a span's row: (kind, namespace, service, revision, peer_namespace, peer_service).
+SpanKey = tuple[str, str | None, str, str | None, str | None, str | None]
+_read_key = operator.attrgetter("kind", "namespace", "service", "revision", "peer_namespace",
+                                "peer_service")
+
+
+@dataclass
+class SpanColumns:
+    """Spans as columns, holding what aggregation reads of them, so that a batch is aggregated
+    on arrays without touching each span again. ``of`` builds them from spans; the stream
+    worker slices and joins them as its queues need."""
+
+    end_us: np.ndarray  # int64: start + duration, the time a span counts at
+    duration_us: np.ndarray  # int64
+    error: np.ndarray  # bool
+    bytes_sent: np.ndarray  # int64, 0 where unknown
+    bytes_received: np.ndarray  # int64, 0 where unknown
+    keys: list[SpanKey]
+
+    @classmethod
+    def of(cls, spans: Sequence[SpanLike]) -> SpanColumns:
+        """The columns of a list of spans (SpanRecords, or decoded structs with their fields)."""
+        def column(name: str) -> list[Any]:
+            return list(map(operator.attrgetter(name), spans))
+
+        duration = _int_column(column("duration_us"))
+        return cls(end_us=_int_column(column("start_us")) + duration, duration_us=duration,
+                   error=np.array(column("error"), dtype=bool),
+                   bytes_sent=_int_column(column("bytes_sent")),
+                   bytes_received=_int_column(column("bytes_received")),
+                   keys=list(map(_read_key, spans)))
+
+    @classmethod
+    def join(cls, parts: Sequence[SpanColumns]) -> SpanColumns:
+        if len(parts) == 1:
+            return parts[0]
+        def joined(name: str) -> np.ndarray:
+            return np.concatenate([getattr(part, name) for part in parts])
+
+        return cls(joined("end_us"), joined("duration_us"), joined("error"),
+                   joined("bytes_sent"), joined("bytes_received"),
+                   [key for part in parts for key in part.keys])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, where: slice) -> SpanColumns:
+        return SpanColumns(self.end_us[where], self.duration_us[where], self.error[where],
+                           self.bytes_sent[where], self.bytes_received[where],
+                           self.keys[where])
+
+
+def _int_column(values: list[int | None]) -> np.ndarray:
+    """An int64 array of the values, None read as 0."""
+    if None in values:
+        values = [0 if value is None else value for value in values]
+    return np.array(values, dtype=np.int64)
 
 
 class WindowAggregator:
@@ -182,14 +242,15 @@ class WindowAggregator:
         return bool(self.add_spans([span], source,
                                    None if position is None else [position])[0])
 
-    def add_spans(self, spans: Sequence[SpanLike], source: object = None,
-                  positions: Sequence[int] | None = None) -> np.ndarray:
+    def add_spans(self, spans: Sequence[SpanLike] | SpanColumns, source: object = None,
+                  positions: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Add spans in input order; returns, per span, whether it was accepted (False: its
         window had closed, for the caller to dead-letter)."""
-        count = len(spans)
+        columns = spans if isinstance(spans, SpanColumns) else SpanColumns.of(spans)
+        count = len(columns)
         if not count:
             return np.zeros(0, dtype=bool)
-        end = np.fromiter((s.start_us + s.duration_us for s in spans), np.int64, count)
+        end = columns.end_us
         starts = end - end % self.window_us
         # Event time before each span: the largest end among the spans before it.
         before = np.maximum.accumulate(np.concatenate(([self.event_time_us], end[:-1])))
@@ -208,41 +269,46 @@ class WindowAggregator:
             if where is not None:
                 window.note_position(source, int(where[window_of == start].min()))
 
-        rows = [_span_row(spans[i]) for i in taken.tolist()]
-        counted = [i for i, key in enumerate(rows) if key is not None]
-        if not counted:
+        # The row of each span: worked out once per distinct key of the batch (a few dozen),
+        # then looked up per span in C; -1 for spans that are not requests.
+        row_number: dict[RowKey, int] = {}
+        number_of_key: dict[SpanKey, int] = {}
+        for key in dict.fromkeys(columns.keys):
+            row_key = _span_row(*key)
+            number_of_key[key] = (-1 if row_key is None
+                                  else row_number.setdefault(row_key, len(row_number)))
+        row_keys = list(row_number)
+        row_of = np.fromiter(map(number_of_key.__getitem__, columns.keys), np.int64,
+                             count)[taken]
+        counted = row_of >= 0
+        if not counted.any():
             return accepted
-        # One group per (window, row): numbered, then summed with bincount.
-        codes: dict[tuple[int, RowKey], int] = {}
-        group = np.fromiter(
-            (codes.setdefault((start, key), len(codes))  # type: ignore[arg-type]
-             for start, key in zip(window_of[counted].tolist(), (rows[i] for i in counted),
-                                  strict=True)),
-            np.int64, len(counted))
-        picked = [spans[taken[i]] for i in counted]
-        latency = np.fromiter((s.duration_us for s in picked), np.float64, len(picked)) / 1000.0
-        errors = np.fromiter((s.error for s in picked), np.int64, len(picked))
-        received = np.fromiter((s.bytes_received or 0 for s in picked), np.int64, len(picked))
-        sent = np.fromiter((s.bytes_sent or 0 for s in picked), np.int64, len(picked))
-        groups = len(codes)
-        requests = np.bincount(group, minlength=groups)
-        error_sum = np.bincount(group, weights=errors, minlength=groups)
-        in_sum = np.bincount(group, weights=received, minlength=groups)
-        out_sum = np.bincount(group, weights=sent, minlength=groups)
+        picked = taken[counted]
+        window_of = window_of[counted]
+        # One group per (window, row), numbered in order; each group's spans summed at once.
+        first = int(window_of.min())
+        groups, group = np.unique((window_of - first) // self.window_us * len(row_keys)
+                                  + row_of[counted], return_inverse=True)
         order = np.argsort(group, kind="stable")
-        by_group = np.split(latency[order], np.cumsum(requests)[:-1])
-        for (start, key), number in codes.items():
-            row = self.windows[start].row(key)
-            values = by_group[number]
+        requests = np.bincount(group, minlength=groups.size)
+        bounds = np.concatenate(([0], np.cumsum(requests)[:-1]))
+        latency = columns.duration_us[picked][order] / 1000.0
+        error_sum = np.add.reduceat(columns.error[picked][order].astype(np.int64), bounds)
+        in_sum = np.add.reduceat(columns.bytes_received[picked][order], bounds)
+        out_sum = np.add.reduceat(columns.bytes_sent[picked][order], bounds)
+        top = np.maximum.reduceat(latency, bounds)
+        by_group = np.split(latency, bounds[1:])
+        for number, code in enumerate(groups.tolist()):
+            window_number, row_code = divmod(code, len(row_keys))
+            row = self.windows[first + window_number * self.window_us].row(row_keys[row_code])
             row.requests += int(requests[number])
             row.errors += int(error_sum[number])
             # A server receives the request and sends the response; a caller the other way.
             row.span_bytes_in += int(in_sum[number])
             row.span_bytes_out += int(out_sum[number])
-            row.latencies.append(values)
-            top = float(values.max())
-            if row.latency_max_ms is None or top > row.latency_max_ms:
-                row.latency_max_ms = top
+            row.latencies.append(by_group[number])
+            if row.latency_max_ms is None or top[number] > row.latency_max_ms:
+                row.latency_max_ms = float(top[number])
         return accepted
 
     def add_flow(self, flow: FlowRecord, source: object = None,

@@ -168,3 +168,67 @@ def test_latency_bins_are_the_ddsketch_of_the_same_values() -> None:
         assert bins.encode() == encode_sketch(sketch)
         for q in (0.0, 0.5, 0.9, 0.99, 1.0):
             assert bins.quantile(q) == sketch_quantile(sketch, q)
+
+
+def _random_spans(count: int, seed: int) -> list[SpanRecord]:
+    rng = random.Random(seed)
+    spans = []
+    for i in range(count):
+        duration = rng.randint(0, 90_000)
+        end = BASE_US + i * 3_000 + rng.randint(0, 400_000)
+        peer = rng.choice([None, "cart", "payment"])
+        spans.append(SpanRecord(
+            trace_id=f"{i + 1:032x}", span_id=f"{i + 1:016x}", service=f"s{i % 3}",
+            operation="GET /", kind=rng.choice(["server", "client", "producer", "consumer",
+                                                "internal", "unspecified"]),
+            start_us=end - duration, duration_us=duration, error=rng.random() < 0.1,
+            source="otlp", namespace=rng.choice([None, "shop"]),
+            revision=rng.choice([None, "r1", "r2"]), peer_service=peer,
+            peer_namespace=rng.choice([None, "shop"]) if peer else None,
+            bytes_sent=rng.choice([None, rng.randint(0, 5000)]),
+            bytes_received=rng.choice([None, rng.randint(0, 5000)])))
+    return spans
+
+
+def test_span_rows_follow_the_counting_rules_span_by_span() -> None:
+    """The array arithmetic against the rules written out for one span at a time."""
+    spans = _random_spans(4000, seed=3)
+    expected: dict[tuple[object, ...], list[float]] = {}
+    for s in spans:
+        if s.kind in ("server", "consumer", "unspecified"):
+            peer: tuple[str | None, str | None] = (None, None)
+        elif s.kind in ("client", "producer") and s.peer_service:
+            peer = (s.peer_namespace, s.peer_service)
+        else:
+            continue  # not a request
+        end = s.start_us + s.duration_us
+        key = (end - end % 10_000_000, s.namespace or "unknown", s.service,
+               s.revision or "unknown", *peer)
+        totals = expected.setdefault(key, [0, 0, 0, 0, 0.0])
+        totals[0] += 1
+        totals[1] += s.error
+        totals[2] += s.bytes_received or 0
+        totals[3] += s.bytes_sent or 0
+        totals[4] = max(totals[4], s.duration_us / 1000)
+    rows = aggregate(spans)
+    assert {(r.window_start_us, r.namespace, r.service, r.revision, r.peer_namespace,
+             r.peer_service): [r.requests, r.errors, r.bytes_in, r.bytes_out, r.latency_max_ms]
+            for r in rows} == expected
+
+
+def test_span_columns_sliced_and_joined_aggregate_as_the_spans_do() -> None:
+    """The stream worker queues spans as columns and takes them in slices, joined."""
+    from analytics.windows import SpanColumns
+
+    spans = _random_spans(3000, seed=4)
+    columns = SpanColumns.of(spans)
+    cuts = [0, 1, 700, 701, 2000, 3000]
+    joined = SpanColumns.join([columns[a:b] for a, b in zip(cuts, cuts[1:], strict=False)])
+
+    def run(batch: list[SpanRecord] | SpanColumns) -> list[ServiceMetrics]:
+        aggregator = WindowAggregator(window_seconds=2, allowed_lateness_seconds=0.2)
+        accepted = aggregator.add_spans(batch, "spans", np.arange(len(batch)))
+        assert 0 < int(accepted.sum()) < len(batch)  # late spans were judged too
+        return [r for w in aggregator.close_all() for r in aggregator.metrics(w)]
+
+    assert run(joined) == run(spans)
