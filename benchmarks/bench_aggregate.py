@@ -16,18 +16,20 @@ import uuid
 from statistics import median
 
 import psutil
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from analytics.store import connect
 from benchmarks.common import Result
+from clover import records
 from clover.config import load_settings
-from clover.kafka import consumer_config
+from clover.kafka import consumer_config, producer_config
 from clover.topics import SPANS
-from tests.test_aggregate import _start_group_at_the_end, make_spans, produce
+from tests.test_aggregate import _start_group_at_the_end, make_spans
 
 N = 300_000
 ROUNDS = 3
 METRICS_PORT = 9598
+SESSION_TIMEOUT_S = 10  # the worker's session.timeout.ms
 
 
 def run() -> list[Result]:
@@ -60,6 +62,10 @@ def _worker_round(keyspace: str) -> tuple[float, list[TopicPartition]]:
     settings = load_settings(environ=env)
     _start_group_at_the_end(settings, group)
     spans = make_spans(f"bench-{uuid.uuid4().hex[:6]}", N, services=12)
+    # Encoded before the worker is suspended: encoding and checking 300k spans takes longer
+    # than the group's session timeout (10 s), and a worker suspended that long is taken out of
+    # the group, so its clock would start with a rejoin and a new assignment.
+    messages = [(span.key(), records.encode(span)) for span in spans]
     starts = _end_offsets(settings)
     worker = subprocess.Popen([sys.executable, "-m", "clover.cli", "stream", "worker",
                                "--loglevel", "warning"], env=env,
@@ -69,7 +75,14 @@ def _worker_round(keyspace: str) -> tuple[float, list[TopicPartition]]:
         _wait_for(lambda: _records_in() is not None, 120, "the worker's metrics endpoint")
         time.sleep(5)  # group joined, partitions assigned, Cassandra schema created
         process.suspend()  # the input is all there before the worker reads any of it
-        produce(settings, spans)
+        suspended = time.monotonic()
+        producer = Producer(producer_config(settings))
+        for key, value in messages:
+            _produce(producer, key, value)
+        assert producer.flush(60) == 0
+        if time.monotonic() - suspended > SESSION_TIMEOUT_S:
+            print("stream worker: suspended longer than its session timeout: the figure "
+                  "includes rejoining the group")
         cpu_before, started = _cpu(process), time.monotonic()
         process.resume()
         _wait_for(lambda: (_records_in() or 0) >= N, 600, f"the worker to read {N} spans")
@@ -83,6 +96,15 @@ def _worker_round(keyspace: str) -> tuple[float, list[TopicPartition]]:
         worker.terminate()
         worker.wait(30)
     return N / elapsed, starts
+
+
+def _produce(producer: Producer, key: bytes, value: bytes) -> None:
+    while True:
+        try:
+            producer.produce(SPANS.name, key=key, value=value)
+            return
+        except BufferError:  # the producer's queue is full: let it deliver some
+            producer.poll(0.1)
 
 
 def _raw_consume_rate(settings: object, starts: list[TopicPartition]) -> float:
