@@ -395,6 +395,7 @@ class WindowAggregator:
     def _record(self, start_us: int, key: RowKey, row: _Row) -> ServiceMetrics:
         namespace, service, revision, peer_namespace, peer_service = key
         bins = LatencyBins.of(np.concatenate(row.latencies)) if row.latencies else None
+        p50, p90, p99 = bins.quantiles((0.5, 0.9, 0.99)) if bins else (None, None, None)
         has_flows = row.flows > 0
         return ServiceMetrics(
             namespace=namespace, service=service, revision=revision,
@@ -402,9 +403,7 @@ class WindowAggregator:
             window_start_us=start_us, window_seconds=self.window_seconds,
             requests=row.requests, errors=row.errors,
             error_rate=row.errors / row.requests if row.requests else None,
-            latency_p50_ms=bins.quantile(0.5) if bins else None,
-            latency_p90_ms=bins.quantile(0.9) if bins else None,
-            latency_p99_ms=bins.quantile(0.99) if bins else None,
+            latency_p50_ms=p50, latency_p90_ms=p90, latency_p99_ms=p99,
             latency_max_ms=row.latency_max_ms,
             latency_sketch=bins.encode() if bins else None,
             bytes_in=row.bytes_in if has_flows else row.span_bytes_in,
@@ -450,15 +449,19 @@ class LatencyBins:
         return cls(low, np.bincount(keys - low).astype(np.float64), zero_count)
 
     def quantile(self, q: float) -> float | None:
-        count = self.zero_count + float(self.counts.sum())
+        return self.quantiles((q,))[0]
+
+    def quantiles(self, qs: Sequence[float]) -> list[float | None]:
+        """Several quantiles from one running count of the bins."""
+        running = np.cumsum(self.counts)
+        count = self.zero_count + (float(running[-1]) if running.size else 0.0)
         if count == 0:
-            return None
-        rank = q * (count - 1)
-        if rank < self.zero_count:
-            return 0.0
-        index = int(np.searchsorted(np.cumsum(self.counts), rank - self.zero_count,
-                                    side="right"))
-        return max(0.0, float(_MAPPING.value(self.offset + index)))
+            return [None] * len(qs)
+        ranks = np.array(qs, dtype=np.float64) * (count - 1)
+        indexes = np.searchsorted(running, ranks - self.zero_count, side="right").tolist()
+        return [0.0 if rank < self.zero_count
+                else max(0.0, float(_MAPPING.value(self.offset + index)))
+                for rank, index in zip(ranks.tolist(), indexes, strict=True)]
 
     def encode(self) -> str:
         message = DDSketchMessage(

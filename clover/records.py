@@ -1001,9 +1001,11 @@ def encode(record: Any, *, validate: bool = True) -> bytes:
         else:
             # A flat record's fields are its __dict__ (no asdict copy: this is a hot path).
             fields = to_dict(record) if record_type in _NESTED else vars(record)
-            bad = [(path, "json", message) for path, _, message in _non_finite(fields)]
-            if bad:
-                raise RecordError(record_type, bad)
+            if record_type in _NESTED or not all(
+                    math.isfinite(value) for value in fields.values() if type(value) is float):
+                bad = [(path, "json", message) for path, _, message in _non_finite(fields)]
+                if bad:
+                    raise RecordError(record_type, bad)
     try:
         payload = orjson.dumps(record)
     except orjson.JSONEncodeError as exc:
