@@ -46,6 +46,9 @@ def configure(settings: Settings, **overrides: Any) -> faust.App:
     # them on shutdown or rebalance would never end. What is unacknowledged is re-read by the
     # partition's next owner, which is what keeps the windows exact.
     app.conf.stream_wait_empty = False
+    # Faust's own state (its table stores; our agents keep none) goes under the stack's home,
+    # not into the current directory as "<app id>-data".
+    app.conf.datadir = str(settings.stack.home / "faust" / "{conf.name}-data")  # type: ignore
     for key, value in overrides.items():
         setattr(app.conf, key, value)
     return app
