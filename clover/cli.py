@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="also count packets per 5-tuple on this interface (repeatable)")
     flows.add_argument("--netns", metavar="NAME",
                        help="the --iface interfaces are in this network namespace (ip netns)")
+    flows.add_argument("--http", action="store_true",
+                       help="also read plaintext HTTP/1.x exchanges on the --iface interfaces "
+                            "into server spans on clover.spans")
     flows.add_argument("--duration", type=_positive_seconds, metavar="SECONDS",
                        help="stop after this long (default: until SIGTERM or Ctrl-C)")
     flows.set_defaults(run=_collect_flows)
@@ -268,12 +271,16 @@ def _collect_flows(settings: Settings, args: argparse.Namespace) -> int:
 
     from collectors.flows import collect_flows
 
+    if args.http and not args.iface:
+        print("clover: --http reads HTTP on the packet counter's interfaces: name at least one "
+              "with --iface (e.g. a pod's veth)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     summary = collect_flows(settings, interfaces=args.iface, netns=args.netns,
-                            duration_s=args.duration)
+                            duration_s=args.duration, http=args.http)
     print(f"published {summary.published} flow records; {summary.delivery_errors} delivery "
           f"errors (retried); {summary.undelivered} undelivered; {summary.lost} kernel events "
-          "lost")
+          "lost" + (f"; {summary.http_spans} HTTP spans" if args.http else ""))
     return 0 if summary.undelivered == 0 else 1
 
 

@@ -1,11 +1,13 @@
 """`clover collect flows`: the TCP lifecycle collector and, on chosen interfaces, the packet
 counter, their records attributed to Kubernetes workloads and published to ``clover.flows``,
-with Prometheus metrics about the collector itself.
+with Prometheus metrics about the collector itself; with ``http``, the HTTP/1.x exchanges the
+packet counter reads become server spans on ``clover.spans``.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -16,11 +18,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from clover.config import Settings
 from clover.kafka import admin_client
+from clover.records import SpanRecord
 from clover.stack.install import kernel_headers_dir
-from clover.topics import FLOWS
+from clover.topics import FLOWS, SPANS
 from collectors.environment import bpf_environment
 from collectors.heap import freeze_startup_objects
-from collectors.packets import PacketCounter
+from collectors.packets import HttpExchange, PacketCounter
 from collectors.publish import Publisher, PublisherMetrics
 from collectors.signals import stop_on_signals
 from collectors.tcp_flows import Attribute, TcpFlowCollector, unattributed
@@ -55,16 +58,19 @@ class CollectSummary:
     delivery_errors: int
     undelivered: int
     lost: int
+    http_spans: int = 0
 
 
 def collect_flows(settings: Settings, *, interfaces: list[str] | None = None,
                   netns: str | None = None, duration_s: float | None = None,
                   stop: threading.Event | None = None, ready: threading.Event | None = None,
-                  registry: CollectorRegistry | None = None) -> CollectSummary:
+                  registry: CollectorRegistry | None = None,
+                  http: bool = False) -> CollectSummary:
     """Run until ``duration_s`` has passed, ``stop`` is set, or SIGTERM/SIGINT arrives.
 
     ``interfaces`` (in network namespace ``netns``, an ``ip netns`` name, if given) get the
-    packet counter; ``ready`` is set once the programs are attached.
+    packet counter, which with ``http`` also reads HTTP exchanges; ``ready`` is set once the
+    programs are attached.
     """
     config = settings.collectors
     headers = kernel_headers_dir(settings.stack.cache_dir)
@@ -75,7 +81,9 @@ def collect_flows(settings: Settings, *, interfaces: list[str] | None = None,
     metrics = FlowMetrics(registry)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr="0.0.0.0", registry=registry)
-    publisher = Publisher(settings, FLOWS, PublisherMetrics(registry, "flow-collector"))
+    publisher_metrics = PublisherMetrics(registry, "flow-collector")
+    publisher = Publisher(settings, FLOWS, publisher_metrics)
+    spans = Publisher(settings, SPANS, publisher_metrics) if http and interfaces else None
     attribution = _attribution(settings)
     attribute = attribution.endpoint if attribution is not None else unattributed
     restore = stop_on_signals(stop)
@@ -83,8 +91,9 @@ def collect_flows(settings: Settings, *, interfaces: list[str] | None = None,
                            max_connections=config.max_connections, attribute=attribute,
                            headers_dir=headers)
     packets = PacketCounter(interfaces, max_entries=config.max_flow_entries,
-                            headers_dir=str(headers), netns=netns) if interfaces else None
-    lost_seen = {"ring_buffer_full": 0, "table_full": 0, "dropped_updates": 0}
+                            headers_dir=str(headers), netns=netns,
+                            http=spans is not None) if interfaces else None
+    lost_seen = {"ring_buffer_full": 0, "table_full": 0, "dropped_updates": 0, "http": 0}
     try:
         tcp.start()
         if packets is not None:
@@ -101,12 +110,16 @@ def collect_flows(settings: Settings, *, interfaces: list[str] | None = None,
             # connections/s at this pace; overflow is counted, not silent.
             stop.wait(DRAIN_S)
             metrics.events.labels("tcp").inc(tcp.poll(publisher.publish_encoded))
+            if spans is not None and packets is not None:
+                _publish_http(packets, spans, metrics, attribute)
             if time.monotonic() >= next_update:
                 next_update += config.flow_update_interval_s
                 _periodic(tcp, packets, publisher, metrics, attribute, lost_seen)
             publisher.poll()
         # Whatever is still in the kernel when we stop is published too.
         tcp.poll(publisher.publish_encoded)
+        if spans is not None and packets is not None:
+            _publish_http(packets, spans, metrics, attribute)
         _periodic(tcp, packets, publisher, metrics, attribute, lost_seen)
     finally:
         restore()
@@ -115,9 +128,34 @@ def collect_flows(settings: Settings, *, interfaces: list[str] | None = None,
         tcp.close()
         if attribution is not None:
             attribution.stop()
-        undelivered = publisher.close()
-    return CollectSummary(publisher.published, publisher.delivery_errors, undelivered,
-                          sum(lost_seen.values()))
+        undelivered = publisher.close() + (spans.close() if spans is not None else 0)
+        http_spans, span_errors = (spans.published, spans.delivery_errors) if spans else (0, 0)
+    return CollectSummary(publisher.published, publisher.delivery_errors + span_errors,
+                          undelivered, sum(lost_seen.values()), http_spans)
+
+
+def _publish_http(packets: PacketCounter, spans: Publisher, metrics: FlowMetrics,
+                  attribute: Attribute) -> None:
+    exchanges = packets.exchanges()
+    metrics.events.labels("http").inc(len(exchanges))
+    for exchange in exchanges:
+        spans.publish(http_span(exchange, attribute))
+    spans.poll()
+
+
+def http_span(exchange: HttpExchange, attribute: Attribute) -> SpanRecord:
+    """The server span of one exchange, attributed at both ends. It belongs to no trace (plain
+    HTTP carries no trace context we read), so its ids are random. A server that is no known
+    pod is named by its address and port: unknown, not guessed."""
+    server, client = attribute(*exchange.server), attribute(*exchange.client)
+    return SpanRecord(
+        trace_id=secrets.token_hex(16), span_id=secrets.token_hex(8),
+        service=server.service or f"{exchange.server[0]}:{exchange.server[1]}",
+        operation=f"{exchange.method} {exchange.path}", kind="server",
+        start_us=exchange.start_us, duration_us=exchange.duration_us,
+        error=exchange.status >= 500, source="other", namespace=server.namespace,
+        pod=server.pod, revision=server.revision, status_code=exchange.status,
+        peer_namespace=client.namespace, peer_service=client.service)
 
 
 def _periodic(tcp: TcpFlowCollector, packets: PacketCounter | None, publisher: Publisher,
@@ -133,6 +171,10 @@ def _periodic(tcp: TcpFlowCollector, packets: PacketCounter | None, publisher: P
     metrics.map_entries.labels("tcp").set(tcp.live_connections())
     if packets is None:
         return
+    http_lost = packets.http_lost()
+    if http_lost > lost_seen["http"]:
+        metrics.lost.labels("http", "ring_buffer_full").inc(http_lost - lost_seen["http"])
+        lost_seen["http"] = http_lost
     drain = packets.drain()
     metrics.events.labels("tc").inc(drain.entries)
     metrics.map_entries.labels("tc").set(drain.entries)

@@ -27,6 +27,13 @@ What a drain reports:
   first next-header is an extension header), for Prometheus counters.
 * ``dropped_updates``: packets the kernel could not count because a map was full.
 
+With ``http=True`` the same program also pairs plaintext HTTP/1.x requests with their responses
+in the kernel (see packet_counter.c); :meth:`PacketCounter.exchanges` returns them, one
+:class:`HttpExchange` per request: method, path (query string left out: it can carry secrets,
+and every value would be an operation of its own), status, and the time from the request's
+first segment to the response's first segment as it passed the interface. Only the first 96
+bytes of a request are read, so a longer path is cut there.
+
 Bytes are ``skb->len``: the L2 frame length as tc sees it (Ethernet header included, no FCS),
 e.g. a UDP datagram of n payload bytes over IPv4 is n + 8 + 20 + 14. Packets are wire packets
 (the segments of a GSO/GRO aggregate). Since FlowRecord has no fields for ICMP type and code,
@@ -39,6 +46,7 @@ deleting it is lost: deleting is what keeps the map small, and the window is mic
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
 import socket
@@ -70,6 +78,10 @@ HOOKS = ((INGRESS, "ingress", b"clover_ingress"), (EGRESS, "egress", b"clover_eg
 PROTOCOLS = ("tcp", "udp", "icmp", "other")  # the per-interface counter groups
 _L4: dict[int, Protocol] = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 _ECHO_REQUEST = {"icmp": 8, "icmpv6": 128}
+# Request methods (RFC 9110); the kernel checks only their first four bytes.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                          "PATCH"})
+HTTP_RING_PAGES = 64  # 256 KiB: ~1,500 exchanges between two reads
 
 
 @dataclass
@@ -80,6 +92,21 @@ class Counts:
     def add(self, packets: int, nbytes: int) -> None:
         self.packets += packets
         self.bytes += nbytes
+
+
+@dataclass
+class HttpExchange:
+    """One HTTP/1.x request and its response, as they passed an interface."""
+
+    interface: str
+    ip_version: int
+    client: tuple[str, int]  # (address, port)
+    server: tuple[str, int]
+    method: str
+    path: str
+    status: int
+    start_us: int  # Unix time of the request's first segment
+    duration_us: int  # from it to the response's first segment
 
 
 def _by_protocol() -> dict[str, Counts]:
@@ -128,6 +155,8 @@ class PacketCounter:
         node: str = socket.gethostname(),
         headers_dir: str | None = None,
         netns: str | None = None,
+        http: bool = False,
+        max_http_requests: int = 16384,
     ) -> None:
         if not interfaces:
             raise ValueError("PacketCounter needs at least one interface")
@@ -138,7 +167,14 @@ class PacketCounter:
         self.node = node
         self.headers_dir = headers_dir
         self.netns = netns
+        self.http = http
+        self.max_http_requests = max_http_requests
         self.batch_delete: bool | None = None  # known after start()
+        self._exchanges: list[HttpExchange] = []  # filled by _on_http during exchanges()
+        self._http_event: Any = None  # ctypes type of struct http_event, once loaded
+        self._http_error: BaseException | None = None  # raised by _on_http during a drain
+        # bpf_ktime_get_ns() is CLOCK_MONOTONIC; this turns it into Unix time.
+        self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
         self._bpf: Any = None
         self._ipr: Any = None
         self._names: dict[int, str] = {}  # ifindex -> name
@@ -183,15 +219,25 @@ class PacketCounter:
                     where = f" in network namespace {self.netns}" if self.netns else ""
                     raise CollectorError(f"interface {name!r} does not exist{where}")
                 self._names[found[0]] = name
+            cflags = [f"-DMAX_ENTRIES={self.max_entries}"]
+            if self.http:
+                cflags += ["-DHTTP", f"-DMAX_HTTP={self.max_http_requests}",
+                           f"-DHTTP_PAGES={HTTP_RING_PAGES}"]
             try:
-                self._bpf = BPF(src_file=str(PROGRAM).encode(),
-                                cflags=[f"-DMAX_ENTRIES={self.max_entries}"])
+                self._bpf = BPF(src_file=str(PROGRAM).encode(), cflags=cflags)
             except Exception as exc:
                 raise CollectorError(
                     f"BCC could not compile/load {PROGRAM.name} against {headers} ({exc}); "
                     "see the compiler output above"
                 ) from exc
             self.batch_delete = self._probe_batch_delete()
+            if self.http:
+                # struct http_event, from the types BCC derived for the table's key and value.
+                table = self._bpf[b"http_requests"]
+                self._http_event = type("http_event", (ctypes.Structure,), {"_fields_": [
+                    ("key", table.Key), ("request", table.Leaf),
+                    ("response_ns", ctypes.c_uint64), ("status", ctypes.c_uint32)]})
+                self._bpf[b"http_events"].open_ring_buffer(self._on_http)
             functions = {hook: self._bpf.load_func(fn, BPF.SCHED_CLS) for _, hook, fn in HOOKS}
             for index, name in self._names.items():
                 self._attach(index, name, functions)
@@ -337,6 +383,52 @@ class PacketCounter:
         ]
         return Drain(flows=flows, interfaces=interfaces, dropped_updates=dropped,
                      entries=len(entries), start_us=start_us, end_us=end_us)
+
+    def exchanges(self) -> list[HttpExchange]:
+        """The HTTP exchanges completed since the last call (needs ``http=True``)."""
+        if self._bpf is None or not self.http:
+            raise CollectorError("exchanges() needs a started PacketCounter(http=True)")
+        self._exchanges, self._http_error = [], None
+        self._bpf.ring_buffer_consume()
+        if self._http_error is not None:
+            raise self._http_error
+        return self._exchanges
+
+    def http_lost(self) -> int:
+        """Exchanges the kernel could not hand over (ring buffer full), since start."""
+        return int(self._bpf[b"http_lost"].sum(0).value) if self.http else 0
+
+    def _on_http(self, _ctx: Any, data: int, _size: int) -> int:
+        """libbpf's callback, one completed exchange at a time."""
+        try:
+            exchange = self._exchange(ctypes.cast(data, ctypes.POINTER(self._http_event)).contents)
+        except BaseException as exc:
+            # ctypes would print and swallow it: stop the drain and raise it from exchanges().
+            self._http_error = exc
+            return -1
+        if exchange is not None:
+            self._exchanges.append(exchange)
+        return 0
+
+    def _exchange(self, event: Any) -> HttpExchange | None:
+        request = event.request
+        line = bytes(request.line[:request.line_len]).split(b"\r\n", 1)[0]
+        method, _, rest = line.partition(b" ")
+        target = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        name = method.decode("ascii", "replace")
+        if name not in HTTP_METHODS or not target:
+            return None  # began like a method but is not a request line
+        key = event.key
+        version = 4 if key.family == socket.AF_INET else 6
+        size = 4 if version == 4 else 16
+        return HttpExchange(
+            interface=self._names.get(request.ifindex, f"if{request.ifindex}"),
+            ip_version=version,
+            client=(str(ipaddress.ip_address(bytes(key.client)[:size])), int(key.client_port)),
+            server=(str(ipaddress.ip_address(bytes(key.server)[:size])), int(key.server_port)),
+            method=name, path=target.decode("utf-8", "replace"), status=int(event.status),
+            start_us=(request.request_ns + self._wall_offset_ns) // 1000,
+            duration_us=(event.response_ns - request.request_ns) // 1000)
 
     def _record(self, iface: str, proto: Protocol, version: int, ends: tuple[Any, ...],
                 pair: _Pair, start_us: int, end_us: int) -> FlowRecord:

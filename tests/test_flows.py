@@ -23,9 +23,9 @@ from kubernetes import client, config
 
 from clover import records
 from clover.config import Settings
-from clover.records import FlowRecord
+from clover.records import FlowRecord, SpanRecord
 from clover.stack import Stack
-from clover.topics import FLOWS
+from clover.topics import FLOWS, SPANS
 from collectors.flows import CollectSummary, collect_flows
 from tests import kube
 from tests.netns import VethPair, veth_pair
@@ -259,6 +259,77 @@ def test_udp_counters_on_an_interface_are_published(pair: VethPair, flow_setting
     assert record.packets_received == 0 and record.bytes_received == 0
 
 
+# An HTTP/1.1 server that takes DELAY seconds over each answer: /fail answers 503, anything
+# else 200; it serves until killed.
+HTTP_SERVER = """
+import http.server, socketserver, sys, time
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def answer(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        time.sleep(float(sys.argv[3]))
+        self.send_response(503 if self.path.startswith("/fail") else 200)
+        self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"ok")
+    do_GET = do_POST = answer
+    def log_message(self, *args): pass
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    address_family = __import__("socket").AF_INET
+srv = Server((sys.argv[1], int(sys.argv[2])), Handler)
+print("listening", flush=True)
+srv.serve_forever()
+"""
+# Three requests on one kept-alive connection; prints the client's port and each request's
+# time as the client saw it, in microseconds.
+HTTP_CLIENT = """
+import http.client, sys, time
+conn = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=30)
+conn.connect()
+print(conn.sock.getsockname()[1])
+for method, path in (("GET", "/ok?token=secret"), ("POST", "/fail/now"), ("GET", "/ok")):
+    began = time.monotonic()
+    conn.request(method, path, body=b"x" * 10 if method == "POST" else None)
+    conn.getresponse().read()
+    print(int((time.monotonic() - began) * 1e6))
+"""
+
+
+def test_http_exchanges_become_server_spans(pair: VethPair, flow_settings: Settings,
+                                            topic_reader: Any,
+                                            server_pod: dict[str, str]) -> None:
+    reader = topic_reader(SPANS.name)
+    port = 20000 + int(uuid.uuid4().int % 20000)
+    server = pair.popen(pair.ns_b, [sys.executable, "-c", HTTP_SERVER, pair.ip_b, str(port),
+                                    "0.05"])
+    collector = None
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        collector = RunningCollector(flow_settings, interfaces=[pair.veth_a], netns=pair.ns_a,
+                                     http=True)
+        out = pair.run(pair.ns_a, [sys.executable, "-c", HTTP_CLIENT, pair.ip_b, str(port)])
+    finally:
+        server.kill()
+        server.wait(10)
+        summary = collector.stop() if collector is not None else None
+    assert summary is not None and summary.undelivered == 0 and summary.http_spans == 3
+    client_port, *seen_us = map(int, out.stdout.split())
+    spans = [span for span in (records.decode(SpanRecord, m.value()) for m in reader.read_all())
+             if span.service == server_pod["service"]]
+    spans.sort(key=lambda span: span.start_us)
+    # The query string is left out; the status decides the error flag.
+    assert [(s.operation, s.status_code, s.error) for s in spans] == [
+        ("GET /ok", 200, False), ("POST /fail/now", 503, True), ("GET /ok", 200, False)]
+    for span, client_us in zip(spans, seen_us, strict=True):
+        assert (span.kind, span.source) == ("server", "other")
+        assert (span.namespace, span.pod, span.revision) == (
+            server_pod["namespace"], server_pod["pod"], server_pod["revision"])
+        assert span.peer_service is None  # the client is no pod
+        # Request out to response back at the client's interface: at least the server's delay,
+        # at most what the client measured around it.
+        assert 50_000 <= span.duration_us <= client_us
+    assert spans[0].start_us < spans[1].start_us < spans[2].start_us
+    assert client_port > 0
+
+
 def test_collector_serves_its_own_prometheus_metrics(pair: VethPair, flow_settings: Settings,
                                                      topic_reader: Any) -> None:
     import socket
@@ -309,6 +380,7 @@ def test_unreachable_kafka_is_a_clear_error_before_anything_attaches() -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--duration", "0"], "expected a number of seconds > 0, got '0'"),
     (["--iface", "nosuch0", "--duration", "1"], "interface 'nosuch0' does not exist"),
+    (["--http", "--duration", "1"], "--http reads HTTP on the packet counter's interfaces"),
 ])
 def test_bad_arguments_name_the_problem(args: list[str], message: str, live_stack: Stack,
                                         kafka_topics: Any) -> None:

@@ -16,6 +16,15 @@
 // * An update that fails because a map is full is counted in `dropped_updates` (per CPU), so
 //   loss is visible, never silent.
 //
+// * With -DHTTP: plaintext HTTP/1.x exchanges, as Clover's clovisor and Pixie read them. A TCP
+//   segment whose payload starts with a request method keeps the start of its request line in
+//   `http_requests`, keyed by the connection (client and server ends); the first segment of the
+//   reverse direction that starts with an HTTP/1.x status line (1xx aside) completes it, and
+//   one record (request line start, status, both times) goes to the `http_events` ring buffer:
+//   one event per exchange, never per packet. A retransmitted request (same sequence number)
+//   keeps its first time; pipelined requests on one connection are not told apart (the last
+//   one wins); a request that never gets an answer ages out of the LRU table.
+//
 // The program returns TC_ACT_UNSPEC, never a verdict: in direct-action mode TC_ACT_OK would end
 // classification and skip any filter after ours (e.g. a CNI's policy filter), while UNSPEC
 // lets the next filter run and, at the end of the chain, lets the packet pass unchanged.
@@ -56,6 +65,40 @@ struct counts {
 };
 
 BPF_HASH(flows, struct flow_key, struct counts, MAX_ENTRIES);
+
+#ifdef HTTP
+#define HTTP_LINE 96  // bytes of a request kept from its start: method, path, version
+
+struct http_key {
+    u8 family;
+    u8 pad[3];
+    u8 client[16];
+    u8 server[16];
+    u16 client_port;  // host byte order
+    u16 server_port;
+};
+
+struct http_request {
+    u64 request_ns;
+    u32 seq;          // the request segment's sequence number: a retransmission has the same
+    u32 ifindex;
+    u16 line_len;
+    u8 direction;     // of the request segment: 0 ingress, 1 egress
+    u8 pad;
+    u8 line[HTTP_LINE];
+};
+
+struct http_event {
+    struct http_key key;
+    struct http_request request;
+    u64 response_ns;
+    u32 status;
+};
+
+BPF_TABLE("lru_hash", struct http_key, struct http_request, http_requests, MAX_HTTP);
+BPF_RINGBUF_OUTPUT(http_events, HTTP_PAGES);
+BPF_PERCPU_ARRAY(http_lost, u64, 1);  // exchanges whose event found the ring buffer full
+#endif
 BPF_HASH(other, struct iface_key, struct counts, 1024);
 BPF_PERCPU_ARRAY(dropped_updates, u64, 1);
 
@@ -106,6 +149,110 @@ static __always_inline int load_be16(struct __sk_buff *skb, u32 off) {
         return -1;
     return (b[0] << 8) | b[1];
 }
+
+#ifdef HTTP
+static __always_inline int is_digit(u8 c) {
+    return c >= '0' && c <= '9';
+}
+
+// The first four bytes of a request line, for the methods of RFC 9110 (user space checks the
+// whole token).
+static __always_inline int is_request(u8 *h) {
+    u32 w = h[0] | h[1] << 8 | h[2] << 16 | (u32)h[3] << 24;
+#define W(a, b, c, d) ((a) | (b) << 8 | (c) << 16 | (u32)(d) << 24)
+    return w == W('G', 'E', 'T', ' ') || w == W('P', 'O', 'S', 'T') ||
+           w == W('P', 'U', 'T', ' ') || w == W('H', 'E', 'A', 'D') ||
+           w == W('D', 'E', 'L', 'E') || w == W('P', 'A', 'T', 'C') ||
+           w == W('O', 'P', 'T', 'I') || w == W('C', 'O', 'N', 'N') ||
+           w == W('T', 'R', 'A', 'C');
+#undef W
+}
+
+// A TCP segment's payload, if it starts an HTTP/1.x request or response.
+static __always_inline void http(struct __sk_buff *skb, struct flow_key *key, u32 l4) {
+    u8 doff = 0;
+    if (bpf_skb_load_bytes(skb, l4 + 12, &doff, 1) < 0)
+        return;
+    u32 payload = l4 + (doff >> 4) * 4;
+    if (skb->len < payload + 12)  // shorter than "HTTP/1.1 200" or "GET / HTTP/"
+        return;
+    u8 h[12];
+    if (bpf_skb_load_bytes(skb, payload, h, 12) < 0)
+        return;
+    struct http_key hk = {.family = key->family};
+    if (h[0] == 'H' && h[1] == 'T' && h[2] == 'T' && h[3] == 'P' && h[4] == '/' &&
+        h[5] == '1' && h[6] == '.' && h[8] == ' ' && is_digit(h[9]) && is_digit(h[10]) &&
+        is_digit(h[11])) {
+        u32 status = (h[9] - '0') * 100 + (h[10] - '0') * 10 + (h[11] - '0');
+        if (status < 200)
+            return;  // interim (100 Continue, ...): the final answer is still to come
+        __builtin_memcpy(hk.client, key->daddr, 16);
+        __builtin_memcpy(hk.server, key->saddr, 16);
+        hk.client_port = key->dport;
+        hk.server_port = key->sport;
+        struct http_request *req = http_requests.lookup(&hk);
+        if (!req)
+            return;
+        struct http_event *e = http_events.ringbuf_reserve(sizeof(struct http_event));
+        if (e) {
+            e->key = hk;
+            e->request = *req;
+            e->response_ns = bpf_ktime_get_ns();
+            e->status = status;
+            http_events.ringbuf_submit(e, 0);
+        } else {
+            int zero = 0;
+            u64 *lost = http_lost.lookup(&zero);
+            if (lost)
+                (*lost)++;
+        }
+        http_requests.delete(&hk);
+        return;
+    }
+    if (!is_request(h))
+        return;
+    __builtin_memcpy(hk.client, key->saddr, 16);
+    __builtin_memcpy(hk.server, key->daddr, 16);
+    hk.client_port = key->sport;
+    hk.server_port = key->dport;
+    u8 s[4];
+    if (bpf_skb_load_bytes(skb, l4 + 4, s, 4) < 0)
+        return;
+    u32 seq = (u32)s[0] << 24 | s[1] << 16 | s[2] << 8 | s[3];
+    struct http_request *seen = http_requests.lookup(&hk);
+    if (seen && seen->seq == seq)
+        return;  // a retransmission: the request began when it was first sent
+    struct http_request r = {};
+    r.request_ns = bpf_ktime_get_ns();
+    r.seq = seq;
+    r.ifindex = skb->ifindex;
+    r.direction = key->direction;
+    // Fixed-size loads (the verifier takes those as they are): the most of 96, 64, 32 or 16
+    // bytes the segment has.
+    u32 n = skb->len - payload;
+    int err;
+    if (n >= 96) {
+        err = bpf_skb_load_bytes(skb, payload, r.line, 96);
+        n = 96;
+    } else if (n >= 64) {
+        err = bpf_skb_load_bytes(skb, payload, r.line, 64);
+        n = 64;
+    } else if (n >= 32) {
+        err = bpf_skb_load_bytes(skb, payload, r.line, 32);
+        n = 32;
+    } else if (n >= 16) {
+        err = bpf_skb_load_bytes(skb, payload, r.line, 16);
+        n = 16;
+    } else {
+        err = bpf_skb_load_bytes(skb, payload, r.line, 12);
+        n = 12;
+    }
+    if (err < 0)
+        return;
+    r.line_len = n;
+    http_requests.update(&hk, &r);
+}
+#endif
 
 // bpf_skb_load_bytes rather than direct packet access: it also reads headers that are not in
 // the skb's linear part, and keeps the verifier happy without bounds-check gymnastics.
@@ -176,6 +323,10 @@ static __always_inline int count(struct __sk_buff *skb, u8 direction) {
         }
     }
     add_flow(&key, packets, bytes);
+#ifdef HTTP
+    if (proto == PROTO_TCP && l4)
+        http(skb, &key, l4);
+#endif
     return TC_ACT_UNSPEC;
 
 other:;
