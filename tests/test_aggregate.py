@@ -7,6 +7,7 @@ by analytics.windows.aggregate over exactly the records the test produced.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -322,6 +323,42 @@ def test_undecodable_and_late_records_are_dead_lettered_and_the_worker_goes_on(
         assert reasons == ["late", "undecodable clover.spans record"], letters
         # The rows are unchanged by the late span: it was not counted twice or half.
         assert_rows_equal(pipeline.rows(namespace, {"svc0"}), expected)
+    finally:
+        dead.close()
+
+
+def test_bad_records_among_good_ones_in_one_batch_are_dead_lettered_and_nothing_valid_lost(
+        pipeline: Pipeline) -> None:
+    """All on the topic before the worker starts, so the bad records are read in one batch
+    with good ones: the batch decoder refuses the run, which is then decoded record by
+    record."""
+    namespace = f"agg-{uuid.uuid4().hex[:8]}"
+    dead = TopicReader(pipeline.settings, DEADLETTER.name)
+    try:
+        spans = make_spans(namespace, 3000, services=1, seed=6)
+        zero_id = records.to_dict(spans[0]) | {"span_id": "0" * 16}  # valid JSON, bad id
+        key = f"{namespace}/svc0".encode()
+        produce(pipeline.settings, spans[:1500])
+        producer = Producer(producer_config(pipeline.settings))
+        for value in (json.dumps(zero_id).encode(), b'{"not": "a span"'):
+            producer.produce(SPANS.name, key=key, value=value)
+        assert producer.flush(10) == 0
+        produce(pipeline.settings, spans[1500:])
+        pipeline.start_worker()
+        expected = aggregate(spans, window_seconds=WINDOW_S)
+        assert_rows_equal(pipeline.wait_for_rows(namespace, expected), expected)
+        letters: list[DeadLetter] = []
+        deadline = time.monotonic() + 30
+        while len(letters) < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+            letters = [letter for letter in (records.decode(DeadLetter, m.value())
+                                             for m in dead.read_all() if m.key() == key)
+                       if letter.component == "streams.aggregate"]
+        reasons = sorted(letter.reason for letter in letters)
+        assert len(reasons) == 2, letters
+        assert reasons[0].startswith("undecodable clover.spans record: SpanRecord.span_id: "
+                                     "'0000000000000000' does not match"), reasons[0]
+        assert reasons[1].startswith("undecodable clover.spans record: SpanRecord: "), reasons[1]
     finally:
         dead.close()
 
