@@ -269,17 +269,20 @@ class WindowAggregator:
             if where is not None:
                 window.note_position(source, int(where[window_of == start].min()))
 
-        # The row of each span: worked out once per distinct key of the batch (a few dozen),
-        # then looked up per span in C; -1 for spans that are not requests.
+        # The row of each span: worked out once per distinct key of the batch (a few dozen).
+        # One pass in C numbers each span by the position of its key's first span, and the
+        # rows are looked up by those positions; -1 for spans that are not requests.
+        first_of_key: dict[SpanKey, int] = {}
+        firsts = np.fromiter(map(first_of_key.setdefault, columns.keys, range(count)),
+                             np.int64, count)
         row_number: dict[RowKey, int] = {}
-        number_of_key: dict[SpanKey, int] = {}
-        for key in dict.fromkeys(columns.keys):
+        row_at = np.full(count, -1, dtype=np.int64)
+        for key, position in first_of_key.items():
             row_key = _span_row(*key)
-            number_of_key[key] = (-1 if row_key is None
-                                  else row_number.setdefault(row_key, len(row_number)))
+            if row_key is not None:
+                row_at[position] = row_number.setdefault(row_key, len(row_number))
         row_keys = list(row_number)
-        row_of = np.fromiter(map(number_of_key.__getitem__, columns.keys), np.int64,
-                             count)[taken]
+        row_of = row_at[firsts[taken]]
         counted = row_of >= 0
         if not counted.any():
             return accepted
