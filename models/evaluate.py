@@ -247,16 +247,24 @@ def nezha_metrics(directory: Path, window_seconds: int = 10, *,
 
 def whole_windows(spans: Sequence[SpanRecord], window_seconds: int = 10) -> list[ServiceMetrics]:
     """The spans aggregated by the stream's code, without the partial windows at the edges of
-    each stretch of recorded data (a gap of more than ``STRETCH_GAP_S`` ends a stretch)."""
+    each stretch of recorded data (a gap of more than ``STRETCH_GAP_S`` ends a stretch).
+
+    A stretch is measured by the start times of the traces' root spans (of all spans when
+    there are no roots): a recording holds whole traces whose root started in its time (a
+    Nezha file ``HH_MM`` holds the traces begun from ``HH:(MM-1):19`` to ``HH:MM:19``, their
+    last spans up to seconds later), so a window is whole only when roots were recorded up to
+    its end; one that ends later lacks the requests of the traces begun after, and its request
+    rates fall for every service at once."""
     from analytics.windows import aggregate
 
-    ends = sorted(s.start_us + s.duration_us for s in spans)
+    roots = [s.start_us for s in spans if s.parent_span_id is None]
+    starts = sorted(roots or [s.start_us for s in spans])
     stretches: list[list[int]] = []
-    for end in ends:
-        if stretches and end - stretches[-1][1] <= STRETCH_GAP_S * 1_000_000:
-            stretches[-1][1] = end
+    for start in starts:
+        if stretches and start - stretches[-1][1] <= STRETCH_GAP_S * 1_000_000:
+            stretches[-1][1] = start
         else:
-            stretches.append([end, end])
+            stretches.append([start, start])
     window_us = window_seconds * 1_000_000
 
     def whole(metrics: ServiceMetrics) -> bool:

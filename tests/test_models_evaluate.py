@@ -106,3 +106,21 @@ def test_false_alarms_and_the_nearest_normal_are_counted_in_fault_free_time_only
     assert nearest.score < nearest.threshold
     assert f"highest score of a normal fault-free window: {nearest.score}" in \
         nezha_report(result)
+
+
+def test_a_window_past_the_last_recorded_trace_start_is_not_whole() -> None:
+    from models.evaluate import whole_windows
+
+    # Traces begun every second from 1 to 35 s (frontend's root calls cart for 2 s); the
+    # recording ends with the trace begun at 35 s, a slow one whose spans end at 41.5 and 42 s.
+    # The window 30-40 s lacks the traces begun after 35 s, and 0-10 s those begun before 1 s:
+    # neither is whole, though spans end in both and after them.
+    spans = []
+    for second in range(1, 36):
+        root, call = f"{2 * second + 1:x}", f"{2 * second + 2:x}"
+        trace, slow = f"{second:032x}", 4500 if second == 35 else 0
+        spans += [span(root, "frontend", None, second * 1000, 2500 + slow, trace=trace),
+                  span(call, "cart", root, second * 1000 + 500, 2000 + slow, trace=trace)]
+    cart = {m.window_start_us - T0: m.requests
+            for m in whole_windows(infer_span_kinds(spans)) if m.service == "cart"}
+    assert cart == {10_000_000: 10, 20_000_000: 10}
