@@ -48,6 +48,8 @@ def configure(settings: Settings, **overrides: Any) -> faust.App:
     app.conf.stream_wait_empty = False
     # Faust's own state (its table stores; our agents keep none) goes under the stack's home,
     # not into the current directory as "<app id>-data".
+    # Faust makes its own directory there, but not the ones above it.
+    (settings.stack.home / "faust").mkdir(parents=True, exist_ok=True)
     app.conf.datadir = str(settings.stack.home / "faust" / "{conf.name}-data")  # type: ignore
     for key, value in overrides.items():
         setattr(app.conf, key, value)
