@@ -1,9 +1,10 @@
 """Tumbling event-time windows: flows and spans in, one ServiceMetrics per service, revision and
 window (and per caller -> callee edge) out.
 
-The same code serves the stream (streams/aggregate.py feeds records one at a time and closes
-windows as event time moves on) and offline work (``aggregate`` over a whole recording, used
-for ground truth in tests and for model evaluation), so the two cannot disagree.
+The same code serves the stream (streams/aggregate.py feeds spans in batches, as columns, and
+flows one at a time, and closes windows as event time moves on) and offline work
+(``aggregate`` over a whole recording, used for ground truth in tests and for model
+evaluation), so the two cannot disagree.
 
 What is counted where, so every number has one definition:
 

@@ -692,9 +692,9 @@ def batch_decoder(record_type: type) -> Callable[[Sequence[bytes | None]], list[
     structs of :func:`fast_decoder` for every value, or None if any value is refused.
 
     It checks what fast_decoder checks, except that the hex id patterns (trace and span ids)
-    are checked on the batch's column of each id with numpy rather than by a regex per record,
-    which was half the cost of checking a span. A batch it refuses is for the caller to decode
-    record by record, which finds the bad ones and explains them."""
+    are checked on the batch's column of each id at once rather than by a regex per record. A
+    batch it refuses is for the caller to decode record by record, which finds the bad ones and
+    explains them."""
     decode, checks, id_checks = _fast_parts(record_type, lift_ids=True)
     refused = (msgspec.ValidationError, msgspec.DecodeError, ValueError, TypeError)
 
