@@ -296,17 +296,14 @@ class AggregationWorker:
         # The whole run at once: the usual case, where every record is valid.
         decoded = (self.batch_span if spans else self.batch_flow)(
             list(map(Message.value, run)))
-        if decoded is None:  # some record is refused: one at a time, to find and explain it
+        queued = None if decoded is None else _queued(spans, run, offsets, decoded)
+        if queued is None:  # some record is refused: one at a time, to find and explain it
             run, offsets, decoded = self._decode_each(topic, run, offsets)
             if not decoded:
                 return
-        if spans:
-            columns = SpanColumns.of(decoded)
-            part.queued[topic].append(_Chunk(columns.end_us, run, offsets, columns))
-        else:
-            times = np.fromiter((r.end_us or r.start_us + r.duration_us for r in decoded),
-                                np.int64, len(decoded))
-            part.queued[topic].append(_Chunk(times, run, offsets, decoded))
+            queued = _queued(spans, run, offsets, decoded)
+            assert queued is not None  # _decode_each let only records that fit through
+        part.queued[topic].append(queued)
 
     def _decode_each(self, topic: str, run: list[Any],
                      offsets: np.ndarray) -> tuple[list[Any], np.ndarray, list[Any]]:
@@ -330,6 +327,13 @@ class AggregationWorker:
                     self.letters += self._dead_letter(
                         message, f"undecodable {topic} record: {exc}")
                     continue
+            too_large = _beyond_int64(decoded[-1])
+            if too_large:
+                decoded.pop()
+                self.letters += self._dead_letter(
+                    message, f"{topic} record out of range: {too_large} exceeds 2^63-1, the "
+                             "most the aggregates (64-bit, as Cassandra's bigint) can hold")
+                continue
             kept.append(message)
             kept_offsets.append(offset)
         return kept, np.array(kept_offsets, dtype=np.int64), decoded
@@ -657,6 +661,44 @@ def _quiet_collector() -> None:
     clients) live as long as the process, so they are frozen out of collections."""
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
+
+
+INT64_MAX = 2**63 - 1
+# A record's integers that aggregation adds up or counts time by.
+_COUNTED = ("start_us", "duration_us", "end_us", "bytes_sent", "bytes_received", "packets_sent",
+            "packets_received")
+
+
+def _beyond_int64(record: Any) -> str | None:
+    """Which of a record's counted integers (the schemas bound them only below) no 64-bit
+    aggregate can hold, if any: such a record is dead-lettered, where it would otherwise stop
+    the worker each time it is read."""
+    for name in _COUNTED:
+        value = getattr(record, name, None)
+        if value is not None and value > INT64_MAX:
+            return f"{name} {value}"
+    if record.start_us + record.duration_us > INT64_MAX:
+        return "start_us + duration_us"
+    return None
+
+
+def _queued(spans: bool, run: list[Any], offsets: np.ndarray, decoded: list[Any]) -> _Chunk | None:
+    """The queue entry of a decoded run, or None if some record's integers do not fit 64 bits
+    (the caller then goes record by record to dead-letter it)."""
+    try:
+        if spans:
+            columns = SpanColumns.of(decoded)
+            # start + duration wraps around silently where each fits on its own.
+            if (columns.end_us < columns.duration_us).any():
+                return None
+            return _Chunk(columns.end_us, run, offsets, columns)
+        if any(map(_beyond_int64, decoded)):
+            return None
+        times = np.fromiter((r.end_us or r.start_us + r.duration_us for r in decoded),
+                            np.int64, len(decoded))
+        return _Chunk(times, run, offsets, decoded)
+    except OverflowError:
+        return None
 
 
 def run_worker(settings: Settings, *, loglevel: str = "info") -> int:

@@ -313,7 +313,7 @@ def test_undecodable_and_late_records_are_dead_lettered_and_the_worker_goes_on(
         produce(pipeline.settings, [late])
         letters: list[DeadLetter] = []
         deadline = time.monotonic() + 30
-        while len(letters) < 2 and time.monotonic() < deadline:
+        while len(letters) < 3 and time.monotonic() < deadline:
             time.sleep(1)
             ours = {(m.partition(), m.offset()): records.decode(DeadLetter, m.value())
                     for m in dead.read_all() if m.key() == key}
@@ -337,10 +337,13 @@ def test_bad_records_among_good_ones_in_one_batch_are_dead_lettered_and_nothing_
     try:
         spans = make_spans(namespace, 3000, services=1, seed=6)
         zero_id = records.to_dict(spans[0]) | {"span_id": "0" * 16}  # valid JSON, bad id
+        # Valid by the schema (no upper bound), but no 64-bit aggregate can count it.
+        huge = records.to_dict(spans[0]) | {"span_id": "f" * 16, "bytes_sent": 2**63}
         key = f"{namespace}/svc0".encode()
         produce(pipeline.settings, spans[:1500])
         producer = Producer(producer_config(pipeline.settings))
-        for value in (json.dumps(zero_id).encode(), b'{"not": "a span"'):
+        for value in (json.dumps(zero_id).encode(), b'{"not": "a span"',
+                      json.dumps(huge).encode()):
             producer.produce(SPANS.name, key=key, value=value)
         assert producer.flush(10) == 0
         produce(pipeline.settings, spans[1500:])
@@ -349,16 +352,19 @@ def test_bad_records_among_good_ones_in_one_batch_are_dead_lettered_and_nothing_
         assert_rows_equal(pipeline.wait_for_rows(namespace, expected), expected)
         letters: list[DeadLetter] = []
         deadline = time.monotonic() + 30
-        while len(letters) < 2 and time.monotonic() < deadline:
+        while len(letters) < 3 and time.monotonic() < deadline:
             time.sleep(1)
             letters = [letter for letter in (records.decode(DeadLetter, m.value())
                                              for m in dead.read_all() if m.key() == key)
                        if letter.component == "streams.aggregate"]
         reasons = sorted(letter.reason for letter in letters)
-        assert len(reasons) == 2, letters
-        assert reasons[0].startswith("undecodable clover.spans record: SpanRecord.span_id: "
-                                     "'0000000000000000' does not match"), reasons[0]
-        assert reasons[1].startswith("undecodable clover.spans record: SpanRecord: "), reasons[1]
+        assert len(reasons) == 3, letters
+        assert reasons[0] == ("clover.spans record out of range: bytes_sent "
+                              f"{2**63} exceeds 2^63-1, the most the aggregates (64-bit, as "
+                              "Cassandra's bigint) can hold"), reasons[0]
+        assert reasons[1].startswith("undecodable clover.spans record: SpanRecord.span_id: "
+                                     "'0000000000000000' does not match"), reasons[1]
+        assert reasons[2].startswith("undecodable clover.spans record: SpanRecord: "), reasons[2]
     finally:
         dead.close()
 
