@@ -551,6 +551,8 @@ class AggregationWorker:
         if not offsets:
             return
         try:
+            # Two spelled-out calls: confluent-kafka's stubs type `asynchronous` per overload
+            # as a literal, so `asynchronous=not wait` does not type-check.
             if wait:
                 self.consumer.commit(offsets=[tp for _, tp in offsets], asynchronous=False)
             else:
