@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from clover.config import Settings
 from clover.kafka import admin_client
+from clover.metrics_endpoint import serve_metrics
 from clover.records import SpanRecord
 from clover.stack.install import kernel_headers_dir
 from clover.topics import FLOWS, SPANS
@@ -80,7 +81,7 @@ def collect_flows(settings: Settings, *, interfaces: list[str] | None = None,
     registry = registry or CollectorRegistry()
     metrics = FlowMetrics(registry)
     if config.metrics_port:
-        start_http_server(config.metrics_port, addr="0.0.0.0", registry=registry)
+        serve_metrics(config.metrics_port, "collectors.metrics_port", registry=registry)
     publisher_metrics = PublisherMetrics(registry, "flow-collector")
     publisher = Publisher(settings, FLOWS, publisher_metrics)
     spans = Publisher(settings, SPANS, publisher_metrics) if http and interfaces else None

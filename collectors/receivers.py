@@ -7,10 +7,9 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from prometheus_client import start_http_server
-
 from clover.config import Settings
 from clover.kafka import admin_client
+from clover.metrics_endpoint import serve_metrics
 from collectors.heap import freeze_startup_objects
 from collectors.ingest import SpanSink
 
@@ -36,7 +35,8 @@ def receive_spans(settings: Settings, *, stop: threading.Event,
     admin_client(settings)  # Kafka reachable, or a clear error before any port opens
     sink = SpanSink(settings)
     if config.metrics_port:
-        start_http_server(config.metrics_port, addr=config.listen_host, registry=sink.registry)
+        serve_metrics(config.metrics_port, "receivers.metrics_port", addr=config.listen_host,
+                      registry=sink.registry)
     freeze_startup_objects()  # the imports above, the sink
     servers = []
     ports: dict[str, int | None] = {}

@@ -57,13 +57,14 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from analytics.store import Store, StreamProgress, connect
 from analytics.windows import SpanColumns, Window, WindowAggregator
 from clover import records, topics
 from clover.config import Settings
 from clover.kafka import consumer_config, producer_config
+from clover.metrics_endpoint import serve_metrics
 from clover.records import FlowRecord, RecordError, SpanRecord
 from streams.deadletter import letter_for_kafka
 
@@ -708,7 +709,7 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
     logging.basicConfig(level=loglevel.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.streams.metrics_port:
-        start_http_server(settings.streams.metrics_port)
+        serve_metrics(settings.streams.metrics_port, "streams.metrics_port")
     worker = AggregationWorker(settings)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)

@@ -30,12 +30,13 @@ from typing import Any
 from confluent_kafka import Producer
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from analytics.rollbacks import RollbackTable
 from clover import records
 from clover.config import ConfigError, Settings
 from clover.kafka import producer_config
+from clover.metrics_endpoint import serve_metrics
 from clover.records import Anomaly, RollbackDecision
 from clover.topics import ANOMALIES, DEADLETTER, ROLLBACKS
 from k8s.rollback import Actuator, ApiUnreachable, DeploymentChanged, DeploymentGone, Rollout
@@ -309,7 +310,8 @@ def run_agent(settings: Settings, *, dry_run: bool = False,
     app = configure(settings, id=settings.rollback.group_id)
     install(controller, anomalies_topic=anomalies_topic)
     if settings.rollback.metrics_port:
-        start_http_server(settings.rollback.metrics_port, registry=registry)
+        serve_metrics(settings.rollback.metrics_port, "rollback.metrics_port",
+                      registry=registry)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:
         worker.execute_from_commandline()

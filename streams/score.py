@@ -25,12 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from confluent_kafka import Producer
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter
 
 from analytics.anomalies import AnomalyTable
 from clover import records
 from clover.config import Settings
 from clover.kafka import producer_config
+from clover.metrics_endpoint import serve_metrics
 from clover.records import Anomaly, DeadLetter, ServiceMetrics
 from clover.topics import ANOMALIES, DEADLETTER, SERVICE_METRICS
 from models.online import OnlineScorer
@@ -200,7 +201,7 @@ def run_agent(settings: Settings, *, metrics_topic: str = SERVICE_METRICS.name,
     app = configure(settings, id=settings.models.group_id)
     install(service, metrics_topic=metrics_topic)
     if settings.models.metrics_port:
-        start_http_server(settings.models.metrics_port, registry=registry)
+        serve_metrics(settings.models.metrics_port, "models.metrics_port", registry=registry)
     logging.getLogger("clover").setLevel(loglevel.upper())
     logging.getLogger("streams").setLevel(loglevel.upper())
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)

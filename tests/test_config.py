@@ -123,3 +123,20 @@ def test_stream_settings_come_from_the_environment() -> None:
     assert settings.streams.window_seconds == 5
     with pytest.raises(ConfigError, match="streams.window_seconds"):
         load_settings(environ={"CLOVER_STREAMS_WINDOW_SECONDS": "0"})
+
+
+def test_a_metrics_port_in_use_names_the_setting_and_the_fix() -> None:
+    import socket
+
+    from clover.metrics_endpoint import serve_metrics
+
+    with socket.socket() as holder:  # a real listener holds the port
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(ConfigError) as error:
+            serve_metrics(port, "collectors.metrics_port")
+    assert str(error.value) == (
+        f"collectors.metrics_port: port {port} is already in use (another Clover process?); "
+        "stop what holds it, or set CLOVER_COLLECTORS_METRICS_PORT to a free port, or to 0 for "
+        "no metrics endpoint")

@@ -22,7 +22,7 @@ import pytest
 from kubernetes import client, config
 
 from clover import records
-from clover.config import Settings
+from clover.config import ConfigError, Settings
 from clover.records import FlowRecord, SpanRecord
 from clover.stack import Stack
 from clover.topics import FLOWS, SPANS
@@ -335,12 +335,20 @@ def test_collector_serves_its_own_prometheus_metrics(pair: VethPair, flow_settin
     import socket
     import urllib.request
 
-    with socket.socket() as probe:  # a free port for the endpoint
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    settings = dataclasses.replace(flow_settings, collectors=dataclasses.replace(
-        flow_settings.collectors, metrics_port=port))
-    collector = RunningCollector(settings, interfaces=[pair.veth_a], netns=pair.ns_a)
+    # A port free a moment ago can be taken before the collector binds it (CI saw this once):
+    # that is the collector's clear "in use" error, and the test tries another port.
+    for attempt in range(5):
+        with socket.socket() as probe:
+            probe.bind(("0.0.0.0", 0))
+            port = probe.getsockname()[1]
+        settings = dataclasses.replace(flow_settings, collectors=dataclasses.replace(
+            flow_settings.collectors, metrics_port=port))
+        try:
+            collector = RunningCollector(settings, interfaces=[pair.veth_a], netns=pair.ns_a)
+            break
+        except ConfigError:
+            if attempt == 4:
+                raise
     try:
         _converse(pair, pair.ip_b, 1000, 10)
         scrape = ""
