@@ -22,9 +22,10 @@ from cassandra.cluster import (
     Cluster,
     ExecutionProfile,
     NoHostAvailable,
+    ResponseFuture,
     Session,
 )
-from cassandra.concurrent import execute_concurrent, execute_concurrent_with_args
+from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
@@ -76,6 +77,20 @@ SCHEMA = [
 
 
 @dataclass(frozen=True)
+class RowsInFlight:
+    """Rows sent to Cassandra whose writes may not be acknowledged yet."""
+
+    futures: list[ResponseFuture]
+    rows: int
+
+    def result(self) -> int:
+        """Wait until every row is written (raising the first write's error); the row count."""
+        for future in self.futures:
+            future.result()
+        return self.rows
+
+
+@dataclass(frozen=True)
 class StreamProgress:
     """A stream partition's checkpoint: windows before ``closed_before_us`` are written, and
     ``offsets`` (topic -> offset) is where re-reading rebuilds the windows still open."""
@@ -114,7 +129,11 @@ class Store:
         self.session.set_keyspace(self.keyspace)
 
     def write_service_metrics(self, records: Iterable[ServiceMetrics]) -> int:
-        """Write whole window aggregates (upserts); returns how many rows were written.
+        """Write whole window aggregates (upserts); returns how many rows were written."""
+        return self.start_writing_service_metrics(records).result()
+
+    def start_writing_service_metrics(self, records: Iterable[ServiceMetrics]) -> RowsInFlight:
+        """Send whole window aggregates (upserts) to Cassandra without waiting for them.
 
         Rows of one Cassandra partition (namespace, service, day) go in unlogged batches of up
         to BATCH_ROWS: one request and one mutation for many rows, which a stream catching up
@@ -129,16 +148,17 @@ class Store:
         for record in records:
             row = (*_row_of(record), self.ttl_seconds)
             by_partition.setdefault(row[:3], []).append(row)
-        batches = []
+        futures = []
+        count = 0
         for rows in by_partition.values():
             for start in range(0, len(rows), BATCH_ROWS):
                 batch = BatchStatement(batch_type=BatchType.UNLOGGED)
                 for row in rows[start:start + BATCH_ROWS]:
                     batch.add(statement, row)
-                batches.append(batch)
-        results = execute_concurrent(self.session, [(batch, ()) for batch in batches],
-                                     concurrency=32, raise_on_first_error=True)
-        return sum(len(batch) for batch, (ok, _) in zip(batches, results, strict=True) if ok)
+                # Not execute_concurrent_async: in this driver it waits for the results too.
+                futures.append(self.session.execute_async(batch))
+                count += len(batch)
+        return RowsInFlight(futures, count)
 
     def read_service_metrics(self, namespace: str, service: str, start_us: int,
                              end_us: int) -> list[ServiceMetrics]:

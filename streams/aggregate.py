@@ -28,6 +28,9 @@ How exactness works (no transactions needed):
 * Offsets are followed per partition: a record before the expected offset was delivered twice
   and is skipped; a jump past it (a fetch position that moved) is read again from the expected
   offset, so no record is skipped unseen.
+* The windows closed by one flush are written while the worker reads on; the next flush (or a
+  rebalance, or the stop) waits for that write before it checkpoints and commits their
+  offsets, and before it starts another write.
 * Cassandra down: the write is retried with backoff while the worker waits, so nothing new is
   read, nothing is committed, and the worker catches up when Cassandra returns.
 
@@ -59,13 +62,13 @@ from confluent_kafka import (
 )
 from prometheus_client import Counter, Gauge, Histogram
 
-from analytics.store import Store, StreamProgress, connect
+from analytics.store import RowsInFlight, Store, StreamProgress, connect
 from analytics.windows import SpanColumns, Window, WindowAggregator
 from clover import records, topics
 from clover.config import Settings
 from clover.kafka import consumer_config, producer_config
 from clover.metrics_endpoint import serve_metrics
-from clover.records import FlowRecord, RecordError, SpanRecord
+from clover.records import FlowRecord, RecordError, ServiceMetrics, SpanRecord
 from streams.deadletter import letter_for_kafka
 
 log = logging.getLogger("clover.streams.aggregate")
@@ -141,6 +144,18 @@ class _Partition:
         default_factory=lambda: {topic: deque() for topic in INPUTS})
 
 
+@dataclass
+class _Writing:
+    """Closed windows being written: their rows, the Cassandra write (None once it has
+    failed), the checkpoint and offsets that follow it, and when it started."""
+
+    rows: list[ServiceMetrics]
+    in_flight: RowsInFlight | None
+    progress: list[StreamProgress]
+    offsets: list[tuple[_Partition, TopicPartition]]
+    started: float
+
+
 class AggregationWorker:
     """One worker process: a member of the consumer group, its partitions' windows, and the
     writes to Cassandra and Kafka."""
@@ -170,6 +185,8 @@ class AggregationWorker:
         # When the worker last had trouble reaching Kafka or Cassandra (see tick).
         self.disturbed_at = 0.0
         self.stopping = False
+        # The windows whose Cassandra write is under way (see _flush).
+        self.writing: _Writing | None = None
         self.fast_span = records.fast_decoder(SpanRecord)
         self.fast_flow = records.fast_decoder(FlowRecord)
         self.batch_span = records.batch_decoder(SpanRecord)
@@ -199,6 +216,7 @@ class AggregationWorker:
                 if now >= next_tick:
                     self.tick()
                     next_tick = time.monotonic() + TICK_S
+            self._settle()  # the last windows' offsets committed before leaving
         except Stopping:
             pass
         finally:
@@ -499,8 +517,13 @@ class AggregationWorker:
         return part
 
     def _flush(self, partitions: list[tuple[int, _Partition]]) -> None:
-        """Write the windows that closed on these partitions, then commit what may be: one
-        Cassandra write, one delivery and one commit for them all."""
+        """Start writing the windows that closed on these partitions, and commit what may be.
+
+        The write of the windows closed by one flush is waited for by the next one (or by a
+        rebalance or the stop), and only then are their offsets committed: the worker reads
+        and aggregates on while Cassandra writes, and no offset is committed past a window
+        that is not written."""
+        self._settle()
         if self.letters:  # delivered before the offsets they came from are committed
             self._retry("deliver dead letters to Kafka", self._flush_producer)
             log.warning("%d records dead-lettered to %s; the first: %s", self.letters,
@@ -513,32 +536,55 @@ class AggregationWorker:
             OPEN_WINDOWS.labels(index).set(len(part.aggregator.windows))
             if windows:
                 closed.append((index, part, windows))
+        offsets = self._safe_offsets(partitions)
         if closed:
-            self._write(closed)
-        self._commit(partitions)
+            self.writing = self._start_write(closed, offsets)
+        else:  # every closed window is written: nothing to wait for
+            self._commit(offsets)
 
-    def _write(self, closed: list[tuple[int, _Partition, list[Window]]]) -> None:
+    def _start_write(self, closed: list[tuple[int, _Partition, list[Window]]],
+                     offsets: list[tuple[_Partition, TopicPartition]]) -> _Writing:
         rows = [row for _, part, windows in closed for window in windows
                 for row in part.aggregator.metrics(window)]
-        store = self._store()
-        started = time.monotonic()
-        self._retry("write windows to Cassandra", lambda: store.write_service_metrics(rows))
-        WRITE_SECONDS.observe(time.monotonic() - started)
+        in_flight = self._retry("write windows to Cassandra",
+                                lambda: self._store().start_writing_service_metrics(rows))
         for row in rows:
             self._produce(topics.SERVICE_METRICS.name, row.key(),
                           records.encode(row, validate=False))
-        self._retry("deliver service metrics to Kafka", self._flush_producer)
         progress = [StreamProgress(index, part.aggregator.closed_before_us,
                                    dict(part.next_offset)) for index, part, _ in closed]
-        self._retry("write the checkpoint to Cassandra",
-                    lambda: store.write_progress(self.group, *progress))
-        WINDOWS_EMITTED.inc(len(rows))
         for index, part, windows in closed:
-            log.info("partition %d: wrote the windows from %d to %d (event time %d)", index,
+            log.info("partition %d: writing the windows from %d to %d (event time %d)", index,
                      windows[0].start_us, windows[-1].start_us, part.aggregator.event_time_us)
+        return _Writing(rows, in_flight, progress, offsets, time.monotonic())
 
-    def _commit(self, partitions: list[tuple[int, _Partition]], *, wait: bool = False) -> None:
-        """Commit, per partition, the offset before which no open window needs a record."""
+    def _settle(self) -> None:
+        """Wait for the windows being written (writing them again while Cassandra fails), then
+        checkpoint and commit the offsets they held."""
+        writing, self.writing = self.writing, None
+        if writing is None:
+            return
+        store = self._store()
+
+        def written() -> None:
+            in_flight, writing.in_flight = writing.in_flight, None
+            if in_flight is not None:
+                in_flight.result()
+            else:  # the first try failed: the rows again (upserts), waited for
+                store.write_service_metrics(writing.rows)
+
+        self._retry("write windows to Cassandra", written)
+        WRITE_SECONDS.observe(time.monotonic() - writing.started)
+        self._retry("deliver service metrics to Kafka", self._flush_producer)
+        self._retry("write the checkpoint to Cassandra",
+                    lambda: store.write_progress(self.group, *writing.progress))
+        WINDOWS_EMITTED.inc(len(writing.rows))
+        self._commit(writing.offsets)
+
+    def _safe_offsets(self, partitions: list[tuple[int, _Partition]]
+                      ) -> list[tuple[_Partition, TopicPartition]]:
+        """Per partition and topic, the offset before which no open window or queued record
+        needs a record, where it differs from the last one committed."""
         offsets = []
         for index, part in partitions:
             for topic, read in part.next_offset.items():
@@ -549,6 +595,13 @@ class AggregationWorker:
                 safe = min(needed) if needed else read
                 if part.committed.get(topic) != safe:
                     offsets.append((part, TopicPartition(topic, index, safe)))
+        return offsets
+
+    def _commit(self, offsets: list[tuple[_Partition, TopicPartition]], *,
+                wait: bool = False) -> None:
+        # Not for partitions revoked or lost since the offsets were taken: another worker
+        # may own them now.
+        offsets = [(part, tp) for part, tp in offsets if self.partitions.get(tp.partition) is part]
         if not offsets:
             return
         try:
@@ -591,9 +644,10 @@ class AggregationWorker:
         """Commit what is safe, then drop the partitions: their next owner rebuilds the open
         windows from the committed offsets."""
         indexes = {tp.partition for tp in revoked}
+        self._settle()
         if self.producer.flush(10) == 0:  # dead letters out before their offsets commit
-            self._commit([(i, p) for i, p in self.partitions.items() if i in indexes],
-                         wait=True)
+            self._commit(self._safe_offsets([(i, p) for i, p in self.partitions.items()
+                                             if i in indexes]), wait=True)
         self._forget(revoked)
 
     def _on_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
