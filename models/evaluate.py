@@ -17,6 +17,17 @@ no scorable window of its service in those two minutes is "no data" (the day has
 for some faults). Every anomalous window outside ``[inject_time, inject_time + 150 s]`` of
 every fault is a false alarm; consecutive ones of one service are one alarm episode.
 
+**Shifted windows**: where the 10 s windows happen to fall on the day's events is an accident
+of the recording, so reading the day from its directory scores it again with every span and
+fault moved later by each of ``SHIFTS`` seconds (a fresh copy of the scorer each time); the
+report gives each shift's figures and the worst case over them, so that a result does not rest
+on one lucky phase of the windows.
+
+**Calibration**: a score is one minus a p-value, so on fault-free windows the share scoring at
+least ``1 - a`` should be at most about ``a``. The report gives that share for ``a`` = 0.1,
+0.01 and 0.001 beside the nominal rate, for the final score (after persistence) and for the
+windows' own p-values (before it).
+
 The recording is a set of minute files with gaps between them, so the first and last window of
 each stretch of data hold only part of their ten seconds; they are not scored (a live stream
 has no such edges).
@@ -33,6 +44,7 @@ server span, and a span whose parent is in its own service is internal.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import statistics
@@ -63,6 +75,8 @@ if TYPE_CHECKING:
 DETECTION_S = 120
 FAULT_S = 150
 STRETCH_GAP_S = 30
+SHIFTS = (0, 3, 5, 7)  # seconds: the day's spans and faults moved by each (see the docstring)
+CALIBRATION_LEVELS = (0.1, 0.01, 0.001)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +172,13 @@ class NezhaResult:
     # The fault-free window judged normal with the highest score: how near the threshold the
     # day's normal came (one day's zero false alarms says little when this is close).
     nearest_normal: Anomaly | None = None
+    # Fault-free judged windows: their final scores, and their own p-values (before
+    # persistence; NaN where the scorer does not give one).
+    fault_free_scores: list[float] = field(default_factory=list)
+    fault_free_p_values: list[float] = field(default_factory=list)
+    shift_s: int = 0
+    # The same day with the windows shifted (see the module's docstring): (seconds, result).
+    shifted: list[NezhaResult] = field(default_factory=list)
 
     @property
     def detected(self) -> int:
@@ -180,6 +201,21 @@ class NezhaResult:
     def median_delay_s(self) -> float | None:
         delays = [f.delay_s for f in self.faults if f.delay_s is not None]
         return statistics.median(delays) if delays else None
+
+    @property
+    def alarms_per_hour(self) -> float:
+        return self.false_alarm_episodes / self.fault_free_hours if self.fault_free_hours \
+            else float("nan")
+
+    def calibration(self, levels: Sequence[float] = CALIBRATION_LEVELS, *,
+                    p_values: bool = False) -> list[tuple[float, int, int]]:
+        """Per level ``a``: (a, fault-free windows scoring at least ``1 - a`` (with
+        ``p_values``: whose own p-value is at most ``a``), fault-free windows judged)."""
+        if p_values:
+            values = [p for p in self.fault_free_p_values if p == p]
+            return [(a, sum(p <= a for p in values), len(values)) for a in levels]
+        return [(a, sum(s >= 1.0 - a for s in self.fault_free_scores),
+                 len(self.fault_free_scores)) for a in levels]
 
 
 def read_faults(directory: Path) -> list[Fault]:
@@ -275,20 +311,45 @@ def whole_windows(spans: Sequence[SpanRecord], window_seconds: int = 10) -> list
     return [m for m in metrics if whole(m)]
 
 
+def shift_spans(spans: Sequence[SpanRecord], seconds: int) -> list[SpanRecord]:
+    """The spans moved ``seconds`` later (the windows then fall differently on them)."""
+    if not seconds:
+        return list(spans)
+    return [dataclasses.replace(s, start_us=s.start_us + seconds * 1_000_000) for s in spans]
+
+
 def evaluate_nezha(directory: Path, scorer: OnlineScorer, window_seconds: int = 10, *,
-                   metrics: Sequence[ServiceMetrics] | None = None) -> NezhaResult:
+                   metrics: Sequence[ServiceMetrics] | None = None,
+                   shift_s: int = 0, shifts: Sequence[int] = SHIFTS) -> NezhaResult:
     """Score the day's windows (``metrics``, else :func:`nezha_metrics` of ``directory``) in
-    their order and count each fault and each false alarm (see the module's docstring)."""
-    faults = read_faults(directory)
+    their order and count each fault and each false alarm (see the module's docstring);
+    ``shift_s``: the seconds ``metrics`` were shifted by (the faults are moved as much).
+
+    Without ``metrics``, the day is read from ``directory`` and also scored with its spans
+    and faults shifted by each of the other ``shifts``, by fresh copies of ``scorer`` (given
+    unused); those results are in ``shifted``."""
     if metrics is None:
-        metrics = nezha_metrics(directory, window_seconds)
-    anomalies = []
+        fresh = copy.deepcopy(scorer)
+        spans = nezha_spans(directory)
+        result = evaluate_nezha(directory, scorer, window_seconds,
+                                metrics=whole_windows(spans, window_seconds))
+        for seconds in shifts:
+            if seconds:
+                result.shifted.append(evaluate_nezha(
+                    directory, copy.deepcopy(fresh), window_seconds, shift_s=seconds,
+                    metrics=whole_windows(shift_spans(spans, seconds), window_seconds)))
+        return result
+    faults = read_faults(directory)
+    for fault in faults:
+        fault.inject_us += shift_s * 1_000_000
+    anomalies, p_values = [], []
     for m in metrics:
         if m.peer_service is not None:
             scorer.learn_edge(m)
         else:
-            anomalies.append(scorer.process(
-                m, now_us=m.window_start_us + window_seconds * 1_000_000))
+            anomaly, p = scorer.judge(m, now_us=m.window_start_us + window_seconds * 1_000_000)
+            anomalies.append(anomaly)
+            p_values.append(p)
     window_us = window_seconds * 1_000_000
     for fault in faults:
         late = fault.inject_us + DETECTION_S * 1_000_000
@@ -307,6 +368,8 @@ def evaluate_nezha(directory: Path, scorer: OnlineScorer, window_seconds: int = 
                    for f in faults)
 
     free_windows = {a.window_start_us for a in anomalies if not fault_time(a)}
+    free_judged = [(a, p) for a, p in zip(anomalies, p_values, strict=True)
+                   if a.verdict != "inconclusive" and not fault_time(a)]
     normal = [a for a in anomalies if a.verdict == "normal" and not fault_time(a)]
     false_alarms = [a for a in anomalies if a.verdict == "anomalous" and not fault_time(a)]
     episodes, last = 0, dict[str, int]()
@@ -320,7 +383,9 @@ def evaluate_nezha(directory: Path, scorer: OnlineScorer, window_seconds: int = 
         fault_free_hours=len(free_windows) * window_seconds / 3600,
         false_alarm_windows=len(false_alarms), false_alarm_episodes=episodes,
         false_alarms=false_alarms,
-        nearest_normal=max(normal, key=lambda a: a.score or 0.0, default=None))
+        nearest_normal=max(normal, key=lambda a: a.score or 0.0, default=None),
+        fault_free_scores=[float(a.score or 0.0) for a, _ in free_judged],
+        fault_free_p_values=[p for _, p in free_judged], shift_s=shift_s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,8 +412,7 @@ def nezha_report(result: NezhaResult) -> str:
         lines.append(f"  {when(f.inject_us):<9} {f.service:<22} {f.kind:<15} {f.outcome}")
     with_data = sum(1 for f in result.faults if f.scorable_windows)
     delay = result.median_delay_s
-    alarms_per_hour = (result.false_alarm_episodes / result.fault_free_hours
-                       if result.fault_free_hours else float("nan"))
+    alarms_per_hour = result.alarms_per_hour
     lines += [
         f"  windows scored {result.windows_scored}, inconclusive {result.inconclusive}",
         f"  faults detected {result.detected} of {len(result.faults)} "
@@ -372,4 +436,41 @@ def nezha_report(result: NezhaResult) -> str:
                         and c.baseline is not None)
         lines.append(f"    false alarm {when(a.window_start_us)} {a.service}: score "
                      f"{a.score} ({top})")
+    for name, rows in (("final score >= 1 - a", result.calibration()),
+                       ("window's own p <= a", result.calibration(p_values=True))):
+        if rows and rows[0][2]:
+            lines.append(f"  calibration on fault-free windows, {name}: " + ", ".join(
+                f"a={a:g}: {k}/{n} = {k / n:.4f}" for a, k, n in rows))
+    if result.shifted:
+        lines.append(shifts_report([result, *result.shifted]))
+    return "\n".join(lines)
+
+
+def shifts_report(results: Sequence[NezhaResult]) -> str:
+    """One line per shift of the day's windows, and the worst case over them."""
+    lines = ["  the same day with the windows shifted (spans and faults moved together):",
+             f"  {'shift':>5} {'found':>7} {'recall':>6} {'false alarms':>12} {'per hour':>8} "
+             f"{'fault-free':>10} {'delay':>6} {'nearest normal':>14}"]
+
+    def data_recall(r: NezhaResult) -> tuple[int, int]:
+        with_data = [f for f in r.faults if f.scorable_windows]
+        return sum(f.detected for f in with_data), len(with_data)
+
+    for r in results:
+        found, with_data = data_recall(r)
+        delay = "-" if r.median_delay_s is None else f"{r.median_delay_s:.0f} s"
+        nearest = "-" if r.nearest_normal is None else f"{r.nearest_normal.score}"
+        lines.append(f"  {r.shift_s:>4}s {found:>3}/{with_data:<3} {r.recall(True):>6.2f} "
+                     f"{r.false_alarm_episodes:>12} {r.alarms_per_hour:>8.1f} "
+                     f"{r.fault_free_hours:>8.3f} h {delay:>6} {nearest:>14}")
+        missed = [f"{f.service} {f.kind}" for f in r.faults
+                  if f.scorable_windows and not f.detected]
+        if missed:
+            lines.append(f"        missed: {', '.join(missed)}")
+    delays = [r.median_delay_s for r in results if r.median_delay_s is not None]
+    lines.append(
+        f"  worst case: recall {min(r.recall(True) for r in results):.2f} (faults with data), "
+        f"{max(r.false_alarm_episodes for r in results)} false-alarm episodes "
+        f"({max(r.alarms_per_hour for r in results):.1f} per hour), median delay "
+        + (f"{max(delays):.0f} s" if delays else "-"))
     return "\n".join(lines)

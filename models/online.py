@@ -484,6 +484,12 @@ class OnlineScorer:
     def process(self, metrics: ServiceMetrics, *, now_us: int | None = None) -> Anomaly:
         """Score a window, then learn it unless it was anomalous (or nearly: see the module's
         docstring)."""
+        return self.judge(metrics, now_us=now_us)[0]
+
+    def judge(self, metrics: ServiceMetrics, *,
+              now_us: int | None = None) -> tuple[Anomaly, float]:
+        """:meth:`process`, also giving the window's own p-value (before persistence; NaN
+        when it was not judged)."""
         anomaly, p = self._score(metrics, now_us)
         state = self._state(metrics)
         if np.isfinite(p):
@@ -494,7 +500,7 @@ class OnlineScorer:
         hold = anomaly.verdict == "anomalous" or (
             anomaly.detector == ONLINE_DETECTOR and np.isfinite(p) and p <= self.hold_back_p)
         self.learn_one(metrics, anomalous=hold)
-        return anomaly
+        return anomaly, p
 
     def _was_held(self, service: tuple[str, str], start_us: int) -> bool:
         state = self._services.get(service)

@@ -124,3 +124,43 @@ def test_a_window_past_the_last_recorded_trace_start_is_not_whole() -> None:
     cart = {m.window_start_us - T0: m.requests
             for m in whole_windows(infer_span_kinds(spans)) if m.service == "cart"}
     assert cart == {10_000_000: 10, 20_000_000: 10}
+
+
+def test_calibration_and_shifts_are_counted_and_the_worst_case_reported(
+        tmp_path: Path) -> None:
+    import json
+
+    from models.evaluate import shifts_report
+    from tests.test_models_features import as_records, synthetic_metrics
+
+    # The day of the test above: a false alarm at window 20, the fault at 40 found at 45.
+    frame = synthetic_metrics(windows=60, services=("cart",), seed=3,
+                              spikes={("cart", 20): {"latency": 8.0},
+                                      ("cart", 45): {"latency": 8.0}})
+    start_s = int(frame["window_start_us"].iloc[0]) // 1_000_000
+    (tmp_path / "fault_list.json").write_text(json.dumps({"00": [{
+        "inject_time": "", "inject_timestamp": str(start_s + 400),
+        "inject_pod": "cart-5f6585d649-fnmft", "inject_type": "cpu_contention"}]}))
+    result = evaluate_nezha(tmp_path, OnlineScorer(), metrics=as_records(frame))
+    judged = [(a, p) for a, p in zip(result.fault_free_scores, result.fault_free_p_values,
+                                     strict=True)]
+    assert len(judged) == 60 - 6 - 15  # learning, and the fault's windows 40-54, left out
+    calibration = dict((a, (k, n)) for a, k, n in result.calibration())
+    assert calibration[0.001] == (1, len(judged))  # the false alarm, and only it
+    p_calibration = dict((a, (k, n)) for a, k, n in result.calibration(p_values=True))
+    assert p_calibration[0.001][0] >= 1 and p_calibration[0.1][1] == len(judged)
+    # Shifted by 3 s (windows and fault moved together), the same fault and false alarm.
+    shifted = frame.copy()
+    shifted["window_start_us"] += 3_000_000
+    later = evaluate_nezha(tmp_path, OnlineScorer(), metrics=as_records(shifted), shift_s=3)
+    assert later.faults[0].inject_us == result.faults[0].inject_us + 3_000_000
+    assert later.faults[0].delay_s == result.faults[0].delay_s
+    assert later.false_alarm_episodes == 1
+    # The worst case is over the shifts: a clean shift does not hide the one with an alarm.
+    clean = evaluate_nezha(tmp_path, OnlineScorer(), metrics=as_records(
+        synthetic_metrics(windows=60, services=("cart",), seed=3,
+                          spikes={("cart", 45): {"latency": 8.0}})), shift_s=5)
+    assert clean.false_alarm_episodes == 0
+    report = shifts_report([clean, later])
+    assert "worst case: recall 1.00 (faults with data), 1 false-alarm episodes" in report
+    assert report.splitlines()[2].split()[:4] == ["5s", "1/1", "1.00", "0"]
