@@ -14,8 +14,19 @@ Every detector here has ``fit``, ``score_samples`` (higher is more normal, as in
 * :class:`MultivariateDetector`: an IsolationForest on the departure features (which are
   already relative to each service's own baseline, so one forest serves all services); its
   p-value is the rank of the score among the training windows' scores.
-* :class:`AnomalyModel`: both together; the combined p-value is twice the smaller one
-  (Bonferroni), which keeps the score calibrated.
+* :class:`AnomalyModel`: both together. Their combined p-value (twice the smaller one,
+  Bonferroni) rests on a normal tail that real latencies do not have, so the model
+  **calibrates** it on normal windows it was not fitted on (split conformal): it fits the two
+  detectors again on three windows in four of each service's training history, scores the
+  fourth, and a window's calibrated p-value is the share of those held-out windows whose
+  combined p-value is at most its own, ``(1 + count) / (n + 1)``; the service's own held-out
+  windows when it has ``min_calibration_windows`` of them, else all services' together. The
+  deployed detectors are fitted on all of the history. Beyond the ``CALIBRATION_TAIL`` most
+  extreme held-out windows there is no data to count, and the tail is extended as a power
+  law fitted on the held-out windows' own tail (:func:`calibrated_p`). So a threshold of
+  0.999 flags about one normal window in a thousand of the service's training history,
+  whatever the shape of its tails, as far as the held-out windows can tell (at 0.001 that
+  takes some thousands of them).
 """
 
 from __future__ import annotations
@@ -44,6 +55,37 @@ from models.features import (
 
 HOUR_US = 3_600_000_000
 DAY_US = 24 * HOUR_US
+CALIBRATION_EVERY = 4  # one training window in this many is held out to calibrate
+CALIBRATION_TAIL = 10  # held-out windows the tail is extended from (see calibrated_p)
+
+
+def calibrated_p(raw: np.ndarray, calibration: np.ndarray,
+                 tail: int = CALIBRATION_TAIL) -> np.ndarray:
+    """The conformal p-value of each ``raw`` p-value against ``calibration`` (the sorted raw
+    p-values of normal windows the detectors were not fitted on): ``(1 + count) / (n + 1)``
+    with ``count`` the calibration values at most ``raw``.
+
+    Below the ``tail``-th smallest calibration value nothing is left to count, and the tail
+    is extended as a power law through the ``tail``-th and ``4 * tail``-th smallest values:
+    ``F(raw) = F(edge) * (raw / edge) ** b``, ``b`` the slope between them in log-log scale,
+    at most 1 (never a tail thinner than the raw p-values say) and at least 0.1. Real
+    latencies have heavy tails: a raw p-value that is 10 times off at 1 % is further off at
+    0.1 %, and a constant factor would miss that. With fewer than ``4 * tail`` calibration
+    values, ``raw`` as it is. NaN stays NaN."""
+    raw = np.asarray(raw, dtype=float)
+    n = len(calibration)
+    if n < 4 * tail:
+        return raw
+    within = (1.0 + np.searchsorted(calibration, raw, side="right")) / (n + 1)
+    edge, inner = float(calibration[tail - 1]), float(calibration[4 * tail - 1])
+    at_edge = tail / (n + 1)
+    if edge <= 0:
+        return np.where(np.isnan(raw), np.nan, np.where(raw < edge, at_edge, within))
+    slope = np.log(4.0) / np.log(inner / edge) if inner > edge else 1.0
+    slope = float(min(1.0, max(0.1, slope)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        beyond = at_edge * (np.clip(raw, 0.0, edge) / edge) ** slope
+    return np.where(np.isnan(raw), np.nan, np.where(raw < edge, beyond, within))
 
 
 def direction_of(feature: str) -> int:
@@ -256,32 +298,72 @@ class AnomalyModel(_Scored):
     """The baseline and multivariate detectors combined into one calibrated score."""
 
     def __init__(self, threshold: float = 0.999, min_windows: int = 30,
-                 n_estimators: int = 200, random_state: int | None = 0) -> None:
+                 n_estimators: int = 200, random_state: int | None = 0,
+                 min_calibration_windows: int = 1000) -> None:
         self.threshold = threshold
         self.min_windows = min_windows
         self.n_estimators = n_estimators
         self.random_state = random_state
+        self.min_calibration_windows = min_calibration_windows
+
+    def _fit_parts(self, X: pd.DataFrame) -> tuple[RobustBaselineDetector,
+                                                   MultivariateDetector]:
+        return (RobustBaselineDetector(threshold=self.threshold,
+                                       min_windows=self.min_windows).fit(X),
+                MultivariateDetector(threshold=self.threshold, n_estimators=self.n_estimators,
+                                     random_state=self.random_state).fit(X))
+
+    @staticmethod
+    def _combined_p(baseline: RobustBaselineDetector, forest: MultivariateDetector,
+                    X: pd.DataFrame) -> np.ndarray:
+        """Twice the smaller of the two detectors' p-values (NaN for a service the baseline
+        has never seen: its departures would mean nothing to the forest either)."""
+        p_baseline = 1.0 - baseline.anomaly_score(X)
+        p_forest = 1.0 - forest.anomaly_score(X)
+        combined = np.minimum(1.0, 2.0 * np.fmin(p_baseline, p_forest))
+        return np.where(np.isfinite(p_baseline), combined, np.nan)
 
     def fit(self, X: pd.DataFrame, y: Any = None) -> AnomalyModel:
-        self.baseline_ = RobustBaselineDetector(
-            threshold=self.threshold, min_windows=self.min_windows).fit(X)
-        self.multivariate_ = MultivariateDetector(
-            threshold=self.threshold, n_estimators=self.n_estimators,
-            random_state=self.random_state).fit(X)
+        self.baseline_, self.multivariate_ = self._fit_parts(X)
         self.feature_names_in_ = np.array(list(BASE_FEATURES) + list(DEPARTURE_FEATURES),
                                           dtype=object)
         self.n_features_in_ = len(self.feature_names_in_)
         self.services_ = sorted(self.baseline_.profiles_)
+        # Split conformal calibration (see the module's docstring): every CALIBRATION_EVERY-th
+        # window of each service, in time order, is scored by detectors fitted without it.
+        order = X.sort_values("window_start_us", kind="stable")
+        held = (order.groupby(KEY, sort=False).cumcount() % CALIBRATION_EVERY
+                == CALIBRATION_EVERY - 1).to_numpy()
+        self.calibration_: dict[str, np.ndarray] = {}
+        self.calibration_pooled_ = np.empty(0)
+        if held.any() and not held.all():
+            baseline, forest = self._fit_parts(order[~held])
+            raw = self._combined_p(baseline, forest, order[held])
+            keys = _keys(order[held])
+            finite = np.isfinite(raw)
+            self.calibration_pooled_ = np.sort(raw[finite])
+            for key in np.unique(keys[finite]):
+                self.calibration_[str(key)] = np.sort(raw[finite & (keys == key)])
         return self
+
+    def calibration_for(self, key: str) -> np.ndarray:
+        """The held-out p-values a service's windows are calibrated against: its own when it
+        has ``min_calibration_windows`` of them, else all services' together."""
+        check_is_fitted(self, "calibration_")
+        own = self.calibration_.get(key)
+        if own is not None and len(own) >= self.min_calibration_windows:
+            return own
+        return self.calibration_pooled_
 
     def anomaly_score(self, X: pd.DataFrame) -> np.ndarray:
         check_is_fitted(self, "baseline_")
-        p_baseline = 1.0 - self.baseline_.anomaly_score(X)
-        p_forest = 1.0 - self.multivariate_.anomaly_score(X)
-        combined = np.minimum(1.0, 2.0 * np.fmin(p_baseline, p_forest))
-        # A service the baseline has never seen cannot be judged: its departures from a
-        # baseline it does not have would mean nothing to the forest either.
-        return np.where(np.isfinite(p_baseline), 1.0 - combined, np.nan)
+        raw = self._combined_p(self.baseline_, self.multivariate_, X)
+        keys = _keys(X)
+        p = raw.copy()
+        for key in np.unique(keys):
+            rows = keys == key
+            p[rows] = calibrated_p(raw[rows], self.calibration_for(str(key)))
+        return 1.0 - p
 
     def explain(self, X: pd.DataFrame, top: int = 3) -> list[list[Contribution]]:
         """Per row, the base features furthest from the service's baseline (raw units)."""
@@ -294,3 +376,7 @@ class AnomalyModel(_Scored):
             raw_base = [to_raw(f, v) for f, v in zip(BASE_FEATURES, medians[i], strict=True)]
             out.append(contributions(z[i], BASE_FEATURES, raw_values, raw_base, top))
         return out
+
+
+def _keys(X: pd.DataFrame) -> np.ndarray:
+    return (X["namespace"].astype(str) + "/" + X["service"].astype(str)).to_numpy()

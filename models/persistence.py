@@ -24,7 +24,7 @@ import sklearn
 from models.detectors import AnomalyModel
 from models.features import BASE_FEATURES, DEPARTURE_FEATURES
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: AnomalyModel calibrates its combined score (calibration_)
 FEATURES = [*BASE_FEATURES, *DEPARTURE_FEATURES]
 RETRAIN = "retrain it with `clover models train --since ...`"
 

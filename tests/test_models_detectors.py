@@ -118,3 +118,45 @@ def test_training_on_too_little_history_is_a_clear_error() -> None:
         train_model(synthetic_metrics(windows=20))
     with pytest.raises(TrainingError, match="no service-metric windows"):
         train_model(synthetic_metrics(windows=0))
+
+
+def _heavy_tailed(windows: int, seed: int) -> pd.DataFrame:
+    """Normal windows whose latency noise has Student's t(2) tails, heavier than the normal
+    tail the baseline detector's raw p-value assumes."""
+    frame = synthetic_metrics(windows=windows, seed=seed, services=("cart", "checkout", "email"))
+    noise = np.exp(0.1 * np.random.default_rng(seed + 100).standard_t(2, len(frame)))
+    for column in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms"):
+        frame[column] = frame[column] * noise
+    return frame
+
+
+def test_calibration_gives_the_nominal_false_alarm_rate_on_heavy_tailed_normal_data() -> None:
+    model, _ = train_model(_heavy_tailed(1500, seed=3))
+    assert len(model.calibration_pooled_) > 1000  # one window in four of 3 x 1500, held out
+    fresh = build_features(_heavy_tailed(1500, seed=5))
+    fresh = fresh[fresh["history"] >= 6]
+    score = model.anomaly_score(fresh)
+    raw = model._combined_p(model.baseline_, model.multivariate_, fresh)
+    # Uncalibrated, the normal tail flags three times the nominal share at 0.99 ...
+    assert float((raw <= 0.01).mean()) > 0.02
+    # ... calibrated on held-out training windows, about the nominal share.
+    assert 0.005 <= float((score >= 0.99).mean()) <= 0.015
+    assert 0.07 <= float((score >= 0.9).mean()) <= 0.13
+
+
+def test_calibrated_p_counts_within_the_data_and_extends_a_power_law_beyond_it() -> None:
+    from models.detectors import calibrated_p
+
+    rng = np.random.default_rng(0)
+    # Raw p-values of normal windows that are far too small: P(raw <= t) = sqrt(t).
+    calibration = np.sort(rng.uniform(size=4000) ** 2)
+    p = calibrated_p(np.array([0.25, 1e-2, 1e-4, 1e-6, np.nan]), calibration)
+    np.testing.assert_allclose(p[:2], [0.5, 0.1], rtol=0.1)  # counted
+    np.testing.assert_allclose(p[2:4], [1e-2, 1e-3], rtol=0.5)  # beyond the 10 smallest
+    assert np.isnan(p[4])
+    # A raw p-value that is right stays about as it is (beyond the data, within what a slope
+    # through the 10th and 40th smallest of 4000 can say), and too few values change nothing.
+    uniform = np.sort(rng.uniform(size=4000))
+    within, beyond = calibrated_p(np.array([0.1, 1e-5]), uniform)
+    assert within == pytest.approx(0.1, rel=0.1) and 0.5e-5 <= beyond <= 5e-5
+    np.testing.assert_array_equal(calibrated_p(np.array([1e-5]), calibration[:39]), [1e-5])

@@ -51,7 +51,7 @@ def test_an_other_format_version_is_refused_with_what_to_do(saved, tmp_path: Pat
     with pytest.raises(ModelFileError) as error:
         persistence.load(path)
     message = str(error.value)
-    assert "format version 99, this build reads 1" in message
+    assert f"format version 99, this build reads {persistence.FORMAT_VERSION}" in message
     assert "clover models train" in message
 
 
