@@ -890,14 +890,14 @@ def _of_json_type(value: Any, kinds: str | list[str]) -> bool:
         for kind in names)
 
 
-_INT64_MAX = 2**63 - 1
+INT64_MAX = 2**63 - 1  # the largest signed 64-bit integer (msgspec, numpy, CQL bigint)
 
 
 def _add_bound_check(path: tuple[str, ...], rule: dict[str, Any], checks: list[Any]) -> None:
     """msgspec cannot bound an integer beyond int64 (a cgroup id is a uint64): checked after
     parsing."""
     high = rule.get("maximum")
-    if high is None or high <= _INT64_MAX:
+    if high is None or high <= INT64_MAX:
         return
     checks.append(_field_check(path, lambda value: value <= high,
                                f"is above the maximum {high}"))
@@ -939,7 +939,7 @@ def _fast_type(record_name: str, name: str, rule: dict[str, Any]) -> Any:
         base = _JSON_TYPES[named[0]]
         meta = {key: value for key, value in (
             ("pattern", rule.get("pattern")), ("ge", rule.get("minimum")),
-            ("le", rule.get("maximum") if rule.get("maximum", 0) <= _INT64_MAX else None),
+            ("le", rule.get("maximum") if rule.get("maximum", 0) <= INT64_MAX else None),
             ("min_length", rule.get("minLength")),
             ("max_length", rule.get("maxLength"))) if value is not None}
         if meta:

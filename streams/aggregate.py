@@ -68,7 +68,7 @@ from clover import records, topics
 from clover.config import Settings
 from clover.kafka import consumer_config, producer_config
 from clover.metrics_endpoint import serve_metrics
-from clover.records import FlowRecord, RecordError, ServiceMetrics, SpanRecord
+from clover.records import INT64_MAX, FlowRecord, RecordError, ServiceMetrics, SpanRecord
 from streams.deadletter import letter_for_kafka
 
 log = logging.getLogger("clover.streams.aggregate")
@@ -720,7 +720,6 @@ def _quiet_collector() -> None:
     gc.set_threshold(50_000, 20, 10)
 
 
-INT64_MAX = 2**63 - 1
 # A record's integers that aggregation adds up or counts time by.
 _COUNTED = ("start_us", "duration_us", "end_us", "bytes_sent", "bytes_received", "packets_sent",
             "packets_received")
