@@ -61,6 +61,7 @@ def test_contributions_name_the_feature_with_its_value_and_baseline(
     row = scored[(scored["service"] == "cart") & (scored["step"] == 40)]
     top = trained.explain(row)[0][0]
     assert top.feature.startswith("latency")
+    assert top.baseline is not None
     assert top.value == pytest.approx(4 * top.baseline, rel=0.2)
     errors = scored[(scored["service"] == "cart") & (scored["step"] == 80)]
     assert trained.explain(errors)[0][0].feature == "error_ratio"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -45,8 +47,13 @@ def synthetic_metrics(windows: int = 200, services: tuple[str, ...] = ("cart", "
 
 
 def as_records(frame: pd.DataFrame) -> list[ServiceMetrics]:
-    return [ServiceMetrics(**{k: (None if isinstance(v, float) and np.isnan(v) else v)
-                              for k, v in row.items()}) for row in frame.to_dict("records")]
+    records = []
+    for row in frame.to_dict("records"):
+        # A row's columns are the record's fields, of several types (NaN is a missing value).
+        fields: dict[str, Any] = {k: (None if isinstance(v, float) and np.isnan(v) else v)
+                                  for k, v in row.items()}
+        records.append(ServiceMetrics(**fields))
+    return records
 
 
 def test_edge_rows_are_not_scored() -> None:

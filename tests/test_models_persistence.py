@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from models import persistence
+from models.detectors import AnomalyModel
 from models.features import build_features
 from models.persistence import ModelFileError
 from models.train import train_model
@@ -16,7 +17,7 @@ from tests.test_models_features import synthetic_metrics
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AnomalyModel]:
     model, features = train_model(synthetic_metrics(windows=200, seed=21), threshold=0.995)
     path = tmp_path_factory.mktemp("model") / "anomaly.joblib"
     persistence.save(model, path, training_start_us=1, training_end_us=2,
@@ -24,7 +25,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     return path, model
 
 
-def test_round_trip_scores_the_same(saved: tuple[Path, object]) -> None:
+def test_round_trip_scores_the_same(saved: tuple[Path, AnomalyModel]) -> None:
     path, model = saved
     loaded, metadata = persistence.load(path)
     fresh = build_features(synthetic_metrics(windows=30, seed=22, spikes={("cart", 25): {
@@ -36,7 +37,7 @@ def test_round_trip_scores_the_same(saved: tuple[Path, object]) -> None:
     assert (metadata.training_start_us, metadata.training_end_us) == (1, 2)
 
 
-def _edited(saved: tuple[Path, object], tmp_path: Path, **changes: object) -> Path:
+def _edited(saved: tuple[Path, AnomalyModel], tmp_path: Path, **changes: object) -> Path:
     path, _ = saved
     copy = tmp_path / "model.joblib"
     copy.write_bytes(path.read_bytes())
