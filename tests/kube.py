@@ -95,10 +95,16 @@ def revisions(apps: client.AppsV1Api, namespace: str, name: str) -> dict[int, tu
     """revision -> (pod-template-hash, image) of the Deployment's ReplicaSets."""
     found = {}
     for rs in apps.list_namespaced_replica_set(namespace, label_selector=f"app={name}").items:
-        number = (rs.metadata.annotations or {}).get("deployment.kubernetes.io/revision")
+        meta = rs.metadata
+        assert meta is not None
+        number = (meta.annotations or {}).get("deployment.kubernetes.io/revision")
         if number:
-            found[int(number)] = (rs.metadata.labels["pod-template-hash"],
-                                  rs.spec.template.spec.containers[0].image)
+            # A Deployment's ReplicaSet: the template's hash is a label, the template has an image.
+            template = rs.spec.template
+            assert meta.labels is not None and template is not None and template.spec is not None
+            image = template.spec.containers[0].image
+            assert image is not None
+            found[int(number)] = (meta.labels["pod-template-hash"], image)
     return found
 
 
@@ -108,6 +114,7 @@ def wait_revisions(apps: client.AppsV1Api, namespace: str, name: str,
     def ready() -> dict[int, tuple[str, str]]:
         found = revisions(apps, namespace, name)
         deployment = apps.read_namespaced_deployment(name, namespace)
+        assert deployment.metadata is not None
         current = (deployment.metadata.annotations or {}).get(
             "deployment.kubernetes.io/revision")
         return found if len(found) == count and current == str(max(found)) else {}
