@@ -154,13 +154,16 @@ def read_flows(settings: Settings, start: pd.Timestamp, end: pd.Timestamp,
                     continue
                 if partition not in pending:
                     continue
-                if message.offset() >= ends[partition] - 1:
+                offset = message.offset()
+                assert offset is not None  # a consumed message that is not an error has one
+                if offset >= ends[partition] - 1:
                     pending.discard(partition)
-                if message.offset() >= ends[partition]:
+                if offset >= ends[partition]:
                     continue
                 read += 1
                 try:
-                    flow = records.decode(FlowRecord, message.value())
+                    # A tombstone (no value) is undecodable, like any value that is not JSON.
+                    flow = records.decode(FlowRecord, message.value() or b"")
                 except RecordError:
                     undecodable += 1
                     continue
