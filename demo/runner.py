@@ -146,9 +146,11 @@ class MeshRunner:
         alive: set[str] = set()
         for pod in pods:
             meta = pod.metadata
+            assert meta is not None  # the API server sets it, and the uid, on every pod
             service = (meta.labels or {}).get("app")
             if service not in SERVICES or meta.deletion_timestamp is not None:
                 continue
+            assert meta.uid is not None
             alive.add(meta.uid)
             process = self._processes.get(meta.uid)
             if process is None:
@@ -176,8 +178,12 @@ class MeshRunner:
             self._write_routes(routes)
 
     def _start(self, pod: client.V1Pod, service: str) -> _Process | None:
-        meta = pod.metadata
-        image = pod.spec.containers[0].image
+        meta, spec = pod.metadata, pod.spec
+        # The API server sets these on every pod, and refuses a container without an image.
+        assert meta is not None and meta.uid is not None and meta.name is not None
+        assert spec is not None
+        image = spec.containers[0].image
+        assert image is not None
         try:
             tag = version_of(image).tag
         except ValueError as exc:  # a pod nobody can run: say so once, like ErrImagePull

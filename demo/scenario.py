@@ -270,6 +270,7 @@ def revisions(apps: client.AppsV1Api, namespace: str,
     """The Deployment's ReplicaSets by revision number."""
     found = {}
     for rs in apps.list_namespaced_replica_set(namespace, label_selector=f"app={service}").items:
+        assert rs.metadata is not None  # the API server sets it on every object
         number = (rs.metadata.annotations or {}).get(REVISION_ANNOTATION)
         if number:
             found[int(number)] = rs
@@ -392,8 +393,14 @@ def _tag_revisions(apps: client.AppsV1Api, namespace: str, service: str) -> dict
 
     found = {}
     for rs in revisions(apps, namespace, service).values():
-        found[tag_of(rs.spec.template.spec.containers[0].image)] = \
-            rs.metadata.labels.get("pod-template-hash", "")
+        # A Deployment's ReplicaSet has its pod template, with the image the Deployment names,
+        # and the template's hash among its labels.
+        template, meta = rs.spec.template, rs.metadata
+        assert template is not None and template.spec is not None
+        assert meta is not None and meta.labels is not None
+        image = template.spec.containers[0].image
+        assert image is not None
+        found[tag_of(image)] = meta.labels.get("pod-template-hash", "")
     return found
 
 

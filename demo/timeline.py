@@ -66,13 +66,13 @@ class VerdictWatcher:
                     if message.error() is not None or not (message.key() or b"").startswith(
                             prefix):
                         continue
-                    try:
+                    try:  # a tombstone (no value) is undecodable, like any value not JSON
                         if message.topic() == ANOMALIES.name:
-                            anomaly = records.decode(Anomaly, message.value())
+                            anomaly = records.decode(Anomaly, message.value() or b"")
                             with self._lock:
                                 self.anomalies.append(anomaly)
                         else:
-                            decision = records.decode(RollbackDecision, message.value())
+                            decision = records.decode(RollbackDecision, message.value() or b"")
                             with self._lock:
                                 self.decisions.append(decision)
                     except RecordError:
