@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -36,9 +37,13 @@ def _current_hash(apps: client.AppsV1Api, namespace: str) -> str:
     """The current revision's pod-template-hash, once the controller has caught up."""
     def settled() -> str:
         d = apps.read_namespaced_deployment(NAME, namespace)
-        if (d.status.observed_generation or 0) < d.metadata.generation:
+        meta, status = d.metadata, d.status
+        # The API server sets these on a Deployment it returns.
+        assert meta is not None and meta.generation is not None and status is not None
+        if (status.observed_generation or 0) < meta.generation:
             return ""
-        revision = int(d.metadata.annotations["deployment.kubernetes.io/revision"])
+        assert meta.annotations is not None  # the controller has annotated the revision
+        revision = int(meta.annotations["deployment.kubernetes.io/revision"])
         return kube.revisions(apps, namespace, NAME).get(revision, ("", ""))[0]
 
     found = kube.eventually(settled)
@@ -76,9 +81,11 @@ def run() -> list[Result]:
         kube.wait_revisions(admin_apps, namespace, NAME, 1)
         kube.set_image(admin_apps, NAME, namespace, "bench:v2")
         revisions = kube.wait_revisions(admin_apps, namespace, NAME, 2)
-        templates = {h: api.sanitize_for_serialization(rs.spec.template) for rs in
-                     admin_apps.list_namespaced_replica_set(namespace).items
-                     for h in [rs.metadata.labels["pod-template-hash"]]}
+        templates: dict[str, Any] = {}
+        for rs in admin_apps.list_namespaced_replica_set(namespace).items:
+            assert rs.metadata is not None and rs.metadata.labels is not None
+            template_hash = rs.metadata.labels["pod-template-hash"]
+            templates[template_hash] = api.sanitize_for_serialization(rs.spec.template)
         for template in templates.values():
             template["metadata"]["labels"].pop("pod-template-hash")
 
@@ -116,7 +123,7 @@ def run() -> list[Result]:
                 message = consumer.poll(0.5)
                 if message is None or message.error():
                     continue
-                decision = records.decode(RollbackDecision, message.value())
+                decision = records.decode(RollbackDecision, message.value() or b"")
                 if decision.action != "rollback" or decision.patched_us is None:
                     raise RuntimeError(f"expected a rollback, got {decision}")
                 return decision.patched_us / 1e6 - start
