@@ -5,7 +5,7 @@ look-ahead) and scored by NAB's standard profile against ``labels/combined_windo
 
 (b) **Nezha OnlineBoutique day**: the recorded spans are read by the replay's own reader
 (``collectors.replay.replay_spans``, which merges overlapping minute files and drops the spans
-they repeat), given the span kinds the recording lost (:func:`infer_span_kinds`), aggregated
+they repeat and gives the spans the kinds the recording lost), aggregated
 into 10 s windows by ``analytics.windows.aggregate`` (the stream's own code), and the rows are
 given in the aggregation's order (window by window, each window's rows sorted by key) to
 :class:`models.online.OnlineScorer`, learning online from nothing, as a fresh deployment would:
@@ -32,14 +32,16 @@ The recording is a set of minute files with gaps between them, so the first and 
 each stretch of data hold only part of their ten seconds; they are not scored (a live stream
 has no such edges).
 
-Span kinds: the Nezha export has no kind column, so the replay says ``unspecified``, which the
+Span kinds: the Nezha export has no kind column, so its reader says ``unspecified``, which the
 aggregation counts as a request of the span's own service. Without the kinds, a service's
 "requests" were every span of its pod: its handler, each call it made to another service and
 each internal step (``sql.conn.query``, ``CurrencyService/Carry``), so its latency quantiles
 were mostly of those, and there were no caller -> callee rows at all. The trace structure
 says what a mesh would have said: a span with a child in another service is a client span of
 a call to that service, a span whose parent is in another service (or a trace's root) is a
-server span, and a span whose parent is in its own service is internal.
+server span, and a span whose parent is in its own service is internal. The replay gives
+these kinds (``collectors.replay.infer_kinds``, each minute file with its neighbours as
+context); :func:`infer_span_kinds` applies the same rule to spans held in memory.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ import copy
 import dataclasses
 import json
 import statistics
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from clover import records
-from clover.records import Anomaly, ServiceMetrics, SpanKind, SpanRecord
+from clover.records import Anomaly, ServiceMetrics, SpanRecord
 from models.nab import (
     NabResult,
     StreamingScorer,
@@ -226,51 +227,35 @@ def read_faults(directory: Path) -> list[Fault]:
 
 
 def infer_span_kinds(spans: Sequence[SpanRecord]) -> list[SpanRecord]:
-    """The spans with the kinds (and callee) their traces' structure gives; spans that already
-    have a kind other than ``unspecified`` are left as they are.
+    """The spans with the kinds (and callee) their traces' structure gives, all of ``spans``
+    read as one unit: the replay's own rule (:func:`collectors.replay.infer_kinds`), which
+    leaves a span that already has a kind other than ``unspecified`` as it is, and a span
+    whose parent is not in ``spans`` ``unspecified``."""
+    from collectors.replay import infer_kinds
 
-    A span with a child span in another service is the ``client`` span of a call to that
-    service (``peer_service``: the service most of those children are in); otherwise a span
-    whose parent is in another service, or that is a trace's root, is the ``server`` span of
-    a request; a span whose parent is in its own service is ``internal``; a span whose parent
-    is not in the recording stays ``unspecified``."""
-    by_id = {(s.trace_id, s.span_id): s for s in spans}
-    callees: dict[tuple[str, str], Counter[str]] = {}
-    for span in spans:
-        parent = by_id.get((span.trace_id, span.parent_span_id)) \
-            if span.parent_span_id is not None else None
-        if parent is not None and parent.service != span.service:
-            callees.setdefault((parent.trace_id, parent.span_id), Counter())[span.service] += 1
+    labels = infer_kinds([(s.trace_id, s.span_id, s.parent_span_id, s.service, s.kind)
+                          for s in spans])
     out = []
-    for span in spans:
-        if span.kind != "unspecified":
+    for span, label in zip(spans, labels, strict=True):
+        if label is None:
             out.append(span)
             continue
-        called = callees.get((span.trace_id, span.span_id))
-        if called:
-            out.append(dataclasses.replace(span, kind="client", peer_namespace=span.namespace,
-                                           peer_service=called.most_common(1)[0][0]))
-            continue
-        kind: SpanKind
-        if span.parent_span_id is None:
-            kind = "server"
-        else:
-            parent = by_id.get((span.trace_id, span.parent_span_id))
-            kind = "unspecified" if parent is None else \
-                "server" if parent.service != span.service else "internal"
-        out.append(span if kind == "unspecified" else dataclasses.replace(span, kind=kind))
+        kind, peer = label
+        out.append(dataclasses.replace(span, kind=kind) if peer is None else
+                   dataclasses.replace(span, kind=kind, peer_service=peer,
+                                       peer_namespace=span.namespace))
     return out
 
 
 def nezha_spans(directory: Path, *, kinds: bool = True) -> list[SpanRecord]:
     """The day's spans through the replay's reader; with ``kinds``, given the kinds their
-    traces' structure says (:func:`infer_span_kinds`)."""
+    traces' structure says, by the replay itself (``replay_spans(kinds=True)``)."""
     from collectors.replay import replay_spans
 
     collector = _Collector()
     paths = sorted((directory / "trace").glob("*_trace.csv*"))
-    replay_spans(collector, paths, speed=None, namespace="hipstershop")
-    return infer_span_kinds(collector.spans) if kinds else collector.spans
+    replay_spans(collector, paths, speed=None, namespace="hipstershop", kinds=kinds)
+    return collector.spans
 
 
 def nezha_metrics(directory: Path, window_seconds: int = 10, *,

@@ -183,25 +183,56 @@ def test_nezha_replay_publishes_every_span_once_per_service(nezha_replay: dict) 
         "clover_receiver_spans_accepted_total", {"receiver": "replay"}) == stats.accepted
 
 
+def structure(rows: dict[tuple[str, str], list[str]], key: tuple[str, str]) -> tuple[
+        str, str | None]:
+    """(kind, peer service) of a CSV row by the rule, from the rows themselves (a slow scan)."""
+    def service(row: list[str]) -> str:
+        return "-".join(row[3].split("-")[:-2])
+
+    row = rows[key]
+    callees = Counter(service(r) for k, r in rows.items()
+                      if k[0] == key[0] and r[2] == key[1] and service(r) != service(row))
+    if callees:
+        [(peer, _)] = callees.most_common(1)
+        return "client", peer
+    if row[2] == "root":
+        return "server", None
+    parent = rows.get((key[0], row[2]))
+    if parent is None:
+        return "unspecified", None
+    return ("server" if service(parent) != service(row) else "internal"), None
+
+
 @needs_nezha
 def test_a_replayed_nezha_span_matches_its_csv_row(nezha_replay: dict) -> None:
     rows = nezha_replay["rows"]
     root = next(key for key, row in rows.items() if row[2] == "root")
     child = next(key for key, row in rows.items()
                  if row[3].startswith("cartservice-") and row[2] != "root")
-    for key in (root, child):
+    caller = next(key for key, row in rows.items() if row[3].startswith("frontend-")
+                  and row[4] == "hipstershop.CartService/GetCart")
+    internal = next(key for key, row in rows.items() if row[4] == "sql.conn.query")
+    kinds = {}
+    for key in (root, child, caller, internal):
         trace_id, span_id, parent, pod, operation, start_ns, end_ns, duration = rows[key]
         [record] = nezha_replay["published"][key]
+        kind, peer = structure(rows, key)
         assert record == SpanRecord(
             trace_id=trace_id, span_id=span_id,
             parent_span_id=None if parent == "root" else parent,
             namespace=None, service="-".join(pod.split("-")[:-2]), pod=pod,
-            revision=pod.split("-")[-2], operation=operation, kind="unspecified",
+            revision=pod.split("-")[-2], operation=operation, kind=kind,  # type: ignore[arg-type]
             start_us=int(start_ns) // 1000, duration_us=int(duration), status_code=None,
-            error=False, source="nezha")
+            error=False, source="nezha", peer_service=peer)
         assert int(duration) == (int(end_ns) - int(start_ns)) // 1000
+        kinds[key] = kind, peer
+    assert kinds[root] == ("server", None)
+    assert kinds[caller] == ("client", "cartservice")
+    assert kinds[internal] == ("internal", None)
     [child_record] = nezha_replay["published"][child]
     assert child_record.service == "cartservice" and child_record.revision == "579f59597d"
+    # Every span got a kind: no trace of these minutes lacks a parent.
+    assert not any(r[0].kind == "unspecified" for r in nezha_replay["published"].values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,6 +319,98 @@ def test_overlapping_files_merge_in_time_order_and_repeats_are_skipped(tmp_path:
     again = StubSink()
     stats = replay_spans(again, [first, second], speed=None, skip_duplicates=False)
     assert stats.duplicates == 0 and len(again.submitted()) == 8
+
+
+# --------------------------------------------------------------------------------------------
+# Span kinds from the trace structure (stub sink)
+
+
+def test_span_kinds_come_from_the_trace_across_file_boundaries(tmp_path: Path) -> None:
+    trace = new_trace()
+    ids = {name: new_span() for name in ("R", "C", "D", "X1", "X2", "S", "I", "J", "Y")}
+
+    def row(name: str, parent: str | None, service: str, second: int) -> str:
+        return nezha_row(trace, ids[name], "root" if parent is None else ids[parent],
+                         T0_NS + second * 10**9, pod=f"{service}-579f59597d-abcde",
+                         operation=f"op-{name}")
+
+    # Three minute files that do not overlap in time; the trace runs through all three.
+    first = write_csv(tmp_path / "03_53.csv", [
+        row("R", None, "frontend", 0),             # root; its child Y is two files on
+        row("C", "R", "frontend", 1),              # calls cartservice: S is in the next file
+        row("D", "R", "frontend", 2),              # calls currencyservice (here) and adservice
+        row("X1", "D", "currencyservice", 3),      # (next file): a tie, the first by name wins
+    ])
+    second = write_csv(tmp_path / "03_54.csv", [
+        row("S", "C", "cartservice", 60),          # its parent is in the previous file
+        row("X2", "D", "adservice", 61),
+        row("I", "S", "cartservice", 62),
+    ])
+    third = write_csv(tmp_path / "03_55.csv", [
+        row("J", "I", "cartservice", 120),         # parent in the previous file: internal
+        row("Y", "R", "cartservice", 121),         # parent two files back: not known
+    ])
+    sink = StubSink()
+    stats = replay_spans(sink, [first, second, third], speed=None, namespace="shop")
+    assert stats.accepted == 9
+    by_id = {c.span["span_id"]: c.span for c in sink.submitted() if c.span is not None}
+    got = {name: (by_id[i]["kind"], by_id[i].get("peer_service"),
+                  by_id[i].get("peer_namespace")) for name, i in ids.items()}
+    assert got == {
+        "R": ("server", None, None), "C": ("client", "cartservice", "shop"),
+        "D": ("client", "adservice", "shop"), "X1": ("server", None, None),
+        "X2": ("server", None, None), "S": ("server", None, None),
+        "I": ("internal", None, None), "J": ("internal", None, None),
+        "Y": ("unspecified", None, None),
+    }
+    # The mapped spans are valid records with those kinds.
+    assert records.from_dict(SpanRecord, by_id[ids["C"]]).peer_service == "cartservice"
+
+    plain = StubSink()
+    replay_spans(plain, [first, second, third], speed=None, namespace="shop", kinds=False)
+    assert {c.span["kind"] for c in plain.submitted() if c.span is not None} == {"unspecified"}
+    assert not any("peer_service" in c.span for c in plain.submitted() if c.span is not None)
+
+    # All of the trace in one unit (as the evaluation's infer_span_kinds reads spans in
+    # memory): the edges above then resolve, R calls cartservice and Y serves it.
+    from models.evaluate import infer_span_kinds
+
+    whole = {s.span_id: s for s in infer_span_kinds(
+        [records.from_dict(SpanRecord, c.span) for c in plain.submitted() if c.span])}
+    assert (whole[ids["R"]].kind, whole[ids["R"]].peer_service) == ("client", "cartservice")
+    assert whole[ids["Y"]].kind == "server"
+    assert {n: whole[i].kind for n, i in ids.items() if n not in ("R", "Y")} == \
+        {n: k for n, (k, _, _) in got.items() if n not in ("R", "Y")}
+
+
+def test_spans_with_a_real_kind_are_left_as_they_are(tmp_path: Path) -> None:
+    trace, t0 = new_trace(), T0_NS // 1000
+
+    def span(span_id: str, parent: str | None, process: str, kind: str | None) -> dict[str, Any]:
+        return {"traceID": trace, "spanID": span_id, "operationName": f"op-{span_id[0]}",
+                "references": [] if parent is None else
+                [{"refType": "CHILD_OF", "traceID": trace, "spanID": parent}],
+                "startTime": t0 + int(span_id[0]), "duration": 100, "processID": process,
+                "tags": [] if kind is None else [{"key": "span.kind", "type": "string",
+                                                  "value": kind}]}
+
+    p, q, r, w = "1" * 16, "2" * 16, "3" * 16, "4" * 16
+    export = {"data": [{"traceID": trace, "spans": [
+        span(p, None, "front", "server"),  # the structure says client (child in cart): kept
+        span(q, p, "cart", "client"),      # the structure says server: kept
+        span(r, q, "cart", None),          # no kind: calls redis, so client
+        span(w, r, "redis", None),         # no kind: parent in cart, so server
+    ], "processes": {"front": {"serviceName": "frontend.shop"},
+                     "cart": {"serviceName": "cartservice.shop"},
+                     "redis": {"serviceName": "redis.shop"}}}]}
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(export))
+    sink = StubSink()
+    replay_spans(sink, [path], speed=None)
+    got = {c.span["span_id"]: (c.span["kind"], c.span.get("peer_service"))
+           for c in sink.submitted() if c.span is not None}
+    assert got == {p: ("server", None), q: ("client", None), r: ("client", "redis"),
+                   w: ("server", None)}
 
 
 # --------------------------------------------------------------------------------------------
