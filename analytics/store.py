@@ -82,12 +82,29 @@ class RowsInFlight:
 
     futures: list[ResponseFuture]
     rows: int
+    # When each batch was answered (on the driver's thread), so that the write's latency can be
+    # told however long after it the caller waits.
+    answered: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for future in self.futures:
+            future.add_callbacks(self._answer, self._answer)
+
+    def _answer(self, _: object) -> None:
+        self.answered.append(time.monotonic())
 
     def result(self) -> int:
         """Wait until every row is written (raising the first write's error); the row count."""
         for future in self.futures:
             future.result()
         return self.rows
+
+    def finished_at(self) -> float:
+        """After :meth:`result`, when the last batch was answered (monotonic clock). A future
+        is done before its callbacks run, so one not yet counted was answered just now."""
+        if len(self.answered) < len(self.futures):
+            return time.monotonic()
+        return max(self.answered, default=time.monotonic())
 
 
 @dataclass(frozen=True)

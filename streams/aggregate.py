@@ -546,6 +546,7 @@ class AggregationWorker:
                      offsets: list[tuple[_Partition, TopicPartition]]) -> _Writing:
         rows = [row for _, part, windows in closed for window in windows
                 for row in part.aggregator.metrics(window)]
+        started = time.monotonic()
         in_flight = self._retry("write windows to Cassandra",
                                 lambda: self._store().start_writing_service_metrics(rows))
         for row in rows:
@@ -556,7 +557,7 @@ class AggregationWorker:
         for index, part, windows in closed:
             log.info("partition %d: writing the windows from %d to %d (event time %d)", index,
                      windows[0].start_us, windows[-1].start_us, part.aggregator.event_time_us)
-        return _Writing(rows, in_flight, progress, offsets, time.monotonic())
+        return _Writing(rows, in_flight, progress, offsets, started)
 
     def _settle(self) -> None:
         """Wait for the windows being written (writing them again while Cassandra fails), then
@@ -566,15 +567,19 @@ class AggregationWorker:
             return
         store = self._store()
 
-        def written() -> None:
+        def written() -> float:
+            """When the rows were written."""
             in_flight, writing.in_flight = writing.in_flight, None
             if in_flight is not None:
                 in_flight.result()
-            else:  # the first try failed: the rows again (upserts), waited for
-                store.write_service_metrics(writing.rows)
+                return in_flight.finished_at()
+            # The first try failed: the rows again (upserts), waited for.
+            store.write_service_metrics(writing.rows)
+            return time.monotonic()
 
-        self._retry("write windows to Cassandra", written)
-        WRITE_SECONDS.observe(time.monotonic() - writing.started)
+        # From sending to the last answer, not to this wait (the worker read on meanwhile).
+        WRITE_SECONDS.observe(self._retry("write windows to Cassandra", written)
+                              - writing.started)
         self._retry("deliver service metrics to Kafka", self._flush_producer)
         self._retry("write the checkpoint to Cassandra",
                     lambda: store.write_progress(self.group, *writing.progress))

@@ -53,3 +53,19 @@ def test_unreachable_cassandra_is_a_clear_error(settings: Settings) -> None:
         settings.cassandra, contact_points=("127.0.0.1",), port=1))
     with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:1 is unreachable.*contact_points"):
         connect(wrong, retry_for_s=1.0)
+
+
+def test_rows_in_flight_tell_when_they_were_written(store: Store) -> None:
+    import time
+
+    service = f"svc-{uuid.uuid4().hex[:8]}"
+    rows = [dataclasses.replace(samples.sample_service_metrics(), service=service,
+                                window_start_us=samples.sample_service_metrics().window_start_us
+                                + i * 10_000_000) for i in range(3)]
+    sent = time.monotonic()
+    in_flight = store.start_writing_service_metrics(rows)
+    time.sleep(0.5)  # the caller reads on; the write's time is its own, not this wait's
+    assert in_flight.result() == 3
+    assert sent < in_flight.finished_at() < sent + 0.5
+    window = (rows[0].window_start_us, rows[-1].window_start_us + 10_000_000)
+    assert len(store.read_service_metrics(rows[0].namespace, service, *window)) == 3
