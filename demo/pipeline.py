@@ -230,6 +230,41 @@ class Pipeline:
         for component in reversed(self.components):
             self._stop(component)
 
+    @property
+    def kafka_prefix(self) -> str:
+        """The start of the name of every consumer group and topic this run's components
+        made in Kafka."""
+        return f"clover-demo-{self.run_id}-"
+
+    def remove_from_kafka(self, timeout_s: float = 30.0) -> list[str]:
+        """Delete this run's consumer groups and the topics Faust made for its agents (a
+        leader topic per app), once the components have stopped: no later run uses them, and
+        topics, unlike idle groups, never expire. Returns what could not be removed, and why."""
+        from confluent_kafka import KafkaException
+
+        from clover.kafka import admin_client
+
+        try:
+            admin = admin_client(self.settings, timeout_s)
+            groups = [g.group_id for g in admin.list_consumer_groups(
+                request_timeout=timeout_s).result().valid
+                      if g.group_id.startswith(self.kafka_prefix)]
+            topics = [t for t in admin.list_topics(timeout=timeout_s).topics
+                      if t.startswith(self.kafka_prefix)]
+        except (ConnectionError, KafkaException) as exc:
+            return [f"Kafka could not be asked what this run left ({exc})"]
+        futures = {**(admin.delete_consumer_groups(groups, request_timeout=timeout_s)
+                      if groups else {}),
+                   **(admin.delete_topics(topics, operation_timeout=timeout_s)
+                      if topics else {})}
+        problems = []
+        for name, future in futures.items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                problems.append(f"{name}: {exc.args[0] if exc.args else exc}")
+        return problems
+
     def _wait_ready(self, component: Component, timeout_s: float) -> str | None:
         assert component.proc is not None
         deadline = time.monotonic() + timeout_s

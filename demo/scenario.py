@@ -98,6 +98,7 @@ class DemoReport:
     window_seconds: int = 10  # [streams] window_seconds (the demo keeps what is configured)
     # Verdicts on windows of another length: another aggregation worker on the shared topics.
     foreign_windows: int = 0
+    run_id: str = ""  # in the names of the run's directory, consumer groups and Faust topics
 
     def rollbacks(self) -> list[RollbackDecision]:
         return [d for d in self.decisions if d.action == "rollback"]
@@ -136,7 +137,7 @@ def run_demo(settings: Settings, options: DemoOptions, say: Say = print) -> Demo
     with_flows, why_not = _ebpf_available(settings)
     report = DemoReport(options.namespace, options.service, options.tag, run_dir,
                         settings.cassandra.keyspace, with_flows, ports, started_at=time.time(),
-                        window_seconds=settings.streams.window_seconds)
+                        window_seconds=settings.streams.window_seconds, run_id=run_id)
 
     say(f"Clover demo: {len(MESH)} services in namespace {options.namespace}; rolling out "
         f"{options.service}:{options.tag} ({VERSIONS[options.tag].description}). "
@@ -197,6 +198,9 @@ def run_demo(settings: Settings, options: DemoOptions, say: Say = print) -> Demo
         pipeline.stop()
         watcher.stop()
         admin.close()
+        for problem in pipeline.remove_from_kafka():
+            say(f"  note: this run's Kafka groups and topics (named {pipeline.kafka_prefix}*) "
+                f"are not all removed: {problem}")
 
 
 # ----------------------------------------------------------------------------- Kubernetes

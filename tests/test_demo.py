@@ -23,6 +23,7 @@ from kubernetes import client, config
 from analytics.rollbacks import RollbackTable
 from analytics.store import Store, connect
 from clover.config import Settings
+from clover.kafka import admin_client
 from clover.stack import Stack
 from demo.mesh import MESH, image
 from demo.scenario import DemoOptions, DemoReport, revisions, run_demo
@@ -125,6 +126,7 @@ def test_a_faulty_rollout_is_rolled_back_once_to_the_previous_revision(
     # Kafka (clover.rollbacks, read by the demo) says the same.
     assert [(d.service, d.from_revision, d.to_revision) for d in report.rollbacks()] == [
         (service, 2, 1)]
+    assert_nothing_left_in_kafka(demo_settings, report)
 
 
 def test_a_harmless_rollout_is_not_rolled_back(
@@ -148,6 +150,25 @@ def test_a_harmless_rollout_is_not_rolled_back(
         assert not [d for d in found if d.action in ("rollback", "failed")], found
         assert_flows_and_spans_reached_cassandra(store, report)
     assert report.rollbacks() == []
+    assert_nothing_left_in_kafka(demo_settings, report)
+
+
+def assert_nothing_left_in_kafka(settings: Settings, report: DemoReport) -> None:
+    """The run's consumer groups and Faust's topics for its agents are deleted at its end
+    (the broker may take a moment to stop listing a deleted topic)."""
+    prefix = f"clover-demo-{report.run_id}-"
+    assert report.run_id
+    admin = admin_client(settings)
+    groups = [g.group_id for g in admin.list_consumer_groups().result().valid
+              if g.group_id.startswith(prefix)]
+    assert groups == []
+    deadline = time.monotonic() + 30
+    while True:
+        topics = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix)]
+        if not topics or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert topics == []
 
 
 def test_a_bad_option_is_refused_with_what_is_allowed(live_stack: Stack) -> None:
