@@ -379,6 +379,11 @@ def test_nezha_replay_aggregates_to_the_offline_computation(pipeline: Pipeline) 
     # Replay publishes spans in order of their start; a span counts when it ends, so the stream
     # is out of order by up to the longest span (2.5 s in this file): allow that much lateness.
     pipeline.env["CLOVER_STREAMS_ALLOWED_LATENESS_SECONDS"] = "5"
+    # A quiet partition's event time moves on by the silence, as live traffic's would; in a
+    # replay at full speed a stall of the replay (a loaded machine) is no such time, and a few
+    # seconds of it would close windows the spans still to come belong to: wait out longer
+    # stalls than the other tests do.
+    pipeline.env["CLOVER_STREAMS_IDLE_CLOSE_SECONDS"] = "6"
     pipeline.start_worker()
     sink = SpanSink(pipeline.settings)
     try:
