@@ -8,11 +8,38 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from kubernetes import client
 
 T = TypeVar("T")
+
+
+class _Object(Protocol):
+    """An API object: the API server sets its metadata on every one it returns."""
+    metadata: client.V1ObjectMeta | None
+
+
+def name_of(obj: _Object) -> str:
+    """The object's name (the API server's objects all have one)."""
+    assert obj.metadata is not None and obj.metadata.name is not None
+    return obj.metadata.name
+
+
+def template_hash(obj: _Object) -> str:
+    """The pod-template-hash label of a Deployment's ReplicaSet or pod."""
+    assert obj.metadata is not None and obj.metadata.labels is not None
+    return obj.metadata.labels["pod-template-hash"]
+
+
+def template_image(obj: client.V1Deployment | client.V1ReplicaSet) -> str:
+    """The image of the first container of a Deployment's or ReplicaSet's pod template (the
+    API server refuses a Deployment without them)."""
+    template = obj.spec.template
+    assert template is not None and template.spec is not None
+    image = template.spec.containers[0].image
+    assert image is not None
+    return image
 
 
 def eventually(check: Callable[[], T], timeout: float = 20.0) -> T:
@@ -99,12 +126,7 @@ def revisions(apps: client.AppsV1Api, namespace: str, name: str) -> dict[int, tu
         assert meta is not None
         number = (meta.annotations or {}).get("deployment.kubernetes.io/revision")
         if number:
-            # A Deployment's ReplicaSet: the template's hash is a label, the template has an image.
-            template = rs.spec.template
-            assert meta.labels is not None and template is not None and template.spec is not None
-            image = template.spec.containers[0].image
-            assert image is not None
-            found[int(number)] = (meta.labels["pod-template-hash"], image)
+            found[int(number)] = (template_hash(rs), template_image(rs))
     return found
 
 
