@@ -102,8 +102,9 @@ def pods(admin: client.ApiClient, ns: str) -> Iterator[Callable[[client.V1Pod], 
 
     def create(pod: client.V1Pod) -> str:
         core.create_namespaced_pod(ns, pod)
-        created.append(pod.metadata.name)
-        return str(pod.metadata.name)
+        name = kube.name_of(pod)
+        created.append(name)
+        return name
 
     yield create
     for name in created:
@@ -131,15 +132,14 @@ def test_deployment_pod_is_attributed_to_deployment_and_revision(
     core = client.CoreV1Api(admin)
     pod = kube.eventually(lambda: next(iter(kube.pods_of(admin, ns, deployment)), None))
     assert pod is not None, "the controller-manager made no pod"
-    pod_hash = pod.metadata.labels["pod-template-hash"]
+    name, pod_hash = kube.name_of(pod), kube.template_hash(pod)
     replica_set = client.AppsV1Api(admin).list_namespaced_replica_set(
         ns, label_selector=f"app={deployment}").items[0]
-    assert replica_set.metadata.labels["pod-template-hash"] == pod_hash
+    assert kube.template_hash(replica_set) == pod_hash
     ipv4, ipv6, cid = _ipv4(), _ipv6(), _cid()
-    kube.patch_pod_status(core, pod.metadata.name, ns, kube.pod_status(ipv4, ipv6, cid))
+    kube.patch_pod_status(core, name, ns, kube.pod_status(ipv4, ipv6, cid))
 
-    expected = Workload(namespace=ns, pod=pod.metadata.name, service=deployment,
-                        revision=pod_hash)
+    expected = Workload(namespace=ns, pod=name, service=deployment, revision=pod_hash)
     assert kube.eventually(lambda: index.by_ip(ipv4)) == expected
     assert index.by_ip(ipv6) == expected
     # Collectors may spell addresses differently: uncompressed IPv6, IPv4-mapped IPv6.
@@ -148,14 +148,14 @@ def test_deployment_pod_is_attributed_to_deployment_and_revision(
     assert index.by_ip(f"::ffff:{ipv4}") == expected
     endpoint = index.endpoint(ipv4, 8080)
     assert (endpoint.addr, endpoint.port, endpoint.namespace, endpoint.service, endpoint.pod,
-            endpoint.revision) == (ipv4, 8080, ns, deployment, pod.metadata.name, pod_hash)
+            endpoint.revision) == (ipv4, 8080, ns, deployment, name, pod_hash)
     unknown = _ipv4()
     assert index.by_ip(unknown) is None
     assert index.endpoint(unknown, None) == type(endpoint)(addr=unknown)
     assert index.by_ip("not an address") is None
 
     # The controller-manager replaces the deleted pod; the old pod's addresses are gone.
-    core.delete_namespaced_pod(pod.metadata.name, ns, grace_period_seconds=0)
+    core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
     assert kube.eventually(lambda: index.by_ip(ipv4) is None, timeout=5)
     assert index.by_ip(ipv6) is None
 
@@ -165,23 +165,22 @@ def test_rollout_gives_the_new_pod_the_new_revision(
     core = client.CoreV1Api(admin)
     first = kube.eventually(lambda: next(iter(kube.pods_of(admin, ns, deployment)), None))
     assert first is not None
-    old_hash = first.metadata.labels["pod-template-hash"]
+    old_name, old_hash = kube.name_of(first), kube.template_hash(first)
     old_ip = _ipv4()
-    kube.patch_pod_status(core, first.metadata.name, ns, kube.pod_status(old_ip))
+    kube.patch_pod_status(core, old_name, ns, kube.pod_status(old_ip))
     assert kube.eventually(lambda: index.by_ip(old_ip)) == Workload(
-        ns, first.metadata.name, deployment, old_hash)
+        ns, old_name, deployment, old_hash)
 
     client.AppsV1Api(admin).patch_namespaced_deployment(deployment, ns, {"spec": {"template": {
         "spec": {"containers": [{"name": "app", "image": "registry.local/demo:v2"}]}}}})
     new = kube.eventually(lambda: next((p for p in kube.pods_of(admin, ns, deployment)
-                                    if p.metadata.labels["pod-template-hash"] != old_hash),
-                                   None))
+                                        if kube.template_hash(p) != old_hash), None))
     assert new is not None, "the rollout made no new pod"
-    new_hash = new.metadata.labels["pod-template-hash"]
+    new_name, new_hash = kube.name_of(new), kube.template_hash(new)
     new_ip = _ipv4()
-    kube.patch_pod_status(core, new.metadata.name, ns, kube.pod_status(new_ip))
+    kube.patch_pod_status(core, new_name, ns, kube.pod_status(new_ip))
     assert kube.eventually(lambda: index.by_ip(new_ip)) == Workload(
-        namespace=ns, pod=new.metadata.name, service=deployment, revision=new_hash)
+        namespace=ns, pod=new_name, service=deployment, revision=new_hash)
 
 
 def test_bare_pod_has_no_service_and_finished_pod_is_dropped(
@@ -236,11 +235,12 @@ def test_cgroup_id_maps_to_the_container_in_pod_status(
     pod = kube.eventually(lambda: next(iter(kube.pods_of(admin, ns, deployment)), None))
     assert pod is not None
     cid, ipv4 = _cid(), _ipv4()
-    kube.patch_pod_status(core, pod.metadata.name, ns, kube.pod_status(ipv4, cid=cid))
-    expected = Workload(ns, pod.metadata.name, deployment,
-                        pod.metadata.labels["pod-template-hash"])
+    name = kube.name_of(pod)
+    kube.patch_pod_status(core, name, ns, kube.pod_status(ipv4, cid=cid))
+    expected = Workload(ns, name, deployment, kube.template_hash(pod))
     assert kube.eventually(lambda: index.by_ip(ipv4)) == expected
 
+    assert pod.metadata is not None and pod.metadata.uid is not None  # set by the API server
     pod_slice = (cgroup_root / "kubepods.slice" / "kubepods-burstable.slice"
                  / f"kubepods-burstable-pod{pod.metadata.uid.replace('-', '_')}.slice")
     container = pod_slice / f"cri-containerd-{cid}.scope"
