@@ -120,10 +120,10 @@ def server_pod(live_stack: Stack, settings: Settings, pair: VethPair) -> Iterato
     client.AppsV1Api(api).create_namespaced_deployment(namespace, kube.deployment(name))
     try:
         [pod] = kube.eventually(lambda: kube.pods_of(api, namespace, name))
-        kube.patch_pod_status(client.CoreV1Api(api), pod.metadata.name, namespace,
+        kube.patch_pod_status(client.CoreV1Api(api), kube.name_of(pod), namespace,
                               kube.pod_status(pair.ip_b, pair.ip6_b))
-        yield {"namespace": namespace, "service": name, "pod": pod.metadata.name,
-               "revision": pod.metadata.labels["pod-template-hash"]}
+        yield {"namespace": namespace, "service": name, "pod": kube.name_of(pod),
+               "revision": kube.template_hash(pod)}
     finally:
         client.AppsV1Api(api).delete_namespaced_deployment(name, namespace)
         api.close()
