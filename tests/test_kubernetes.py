@@ -49,13 +49,13 @@ def test_pipeline_identity_is_the_service_account(pipeline: client.ApiClient,
             resource_attributes=client.V1ResourceAttributes(
                 namespace=settings.kubernetes.namespace, verb="patch", group="apps",
                 resource="deployments"))))
-    assert access.status.allowed
+    assert access.status is not None and access.status.allowed
     denied = client.AuthorizationV1Api(pipeline).create_self_subject_access_review(
         client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
             resource_attributes=client.V1ResourceAttributes(
                 namespace=settings.kubernetes.namespace, verb="delete", group="apps",
                 resource="deployments"))))
-    assert not denied.status.allowed
+    assert denied.status is not None and not denied.status.allowed
 
 
 def test_service_account_reads_and_patches_deployments_in_its_namespace(
@@ -65,12 +65,13 @@ def test_service_account_reads_and_patches_deployments_in_its_namespace(
     client.AppsV1Api(admin).create_namespaced_deployment(namespace, kube.deployment(name))
     try:
         apps = client.AppsV1Api(pipeline)
-        names = [d.metadata.name for d in apps.list_namespaced_deployment(namespace).items]
+        names = [kube.name_of(d) for d in apps.list_namespaced_deployment(namespace).items]
         assert name in names
         apps.patch_namespaced_deployment(name, namespace, {"metadata": {"annotations": {
             "clover.dev/checked": "yes"}}})
-        patched = apps.read_namespaced_deployment(name, namespace)
-        assert patched.metadata.annotations["clover.dev/checked"] == "yes"
+        patched = apps.read_namespaced_deployment(name, namespace).metadata
+        assert patched is not None and patched.annotations is not None
+        assert patched.annotations["clover.dev/checked"] == "yes"
         # It may not delete what it can patch.
         with pytest.raises(ApiException) as denied:
             apps.delete_namespaced_deployment(name, namespace)
@@ -109,11 +110,13 @@ def test_controller_manager_records_revisions(admin: client.ApiClient,
         revisions: dict[str, str] = {}
         while time.monotonic() < deadline and len(revisions) < 2:
             sets = apps.list_namespaced_replica_set(namespace, label_selector=f"app={name}")
-            revisions = {
-                rs.metadata.annotations.get("deployment.kubernetes.io/revision", ""):
-                    rs.spec.template.spec.containers[0].image
-                for rs in sets.items if rs.metadata.annotations
-            }
+            revisions = {}
+            for rs in sets.items:
+                meta = rs.metadata
+                assert meta is not None  # the API server sets it on every object
+                if meta.annotations:
+                    number = meta.annotations.get("deployment.kubernetes.io/revision", "")
+                    revisions[number] = kube.template_image(rs)
             time.sleep(0.2)
         assert revisions == {"1": "registry.local/demo:v1", "2": "registry.local/demo:v2"}
     finally:
