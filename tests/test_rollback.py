@@ -33,7 +33,7 @@ from analytics.store import Store, connect
 from clover import records
 from clover.config import Settings
 from clover.kafka import client_config, producer_config
-from clover.records import Anomaly, RollbackDecision
+from clover.records import Anomaly, RollbackDecision, Verdict
 from clover.stack import Stack
 from k8s.rollback import ROLLED_BACK_AT_ANNOTATION, Actuator
 from streams.rollback import build_controller
@@ -205,7 +205,7 @@ def decisions(topic_reader: Callable[[str], Any], topics: Topics) -> Any:
     return topic_reader(topics.decisions)
 
 
-def verdict(ns: str, revision: str, window: int, kind: str = "anomalous") -> Anomaly:
+def verdict(ns: str, revision: str, window: int, kind: Verdict = "anomalous") -> Anomaly:
     now = time.time_ns() // 1000
     return Anomaly(namespace=ns, service=NAME, revision=revision,
                    window_start_us=(now // 10_000_000 - 100 + window) * 10_000_000,
@@ -237,12 +237,12 @@ def rolled_out(ns: Namespace, admin: client.ApiClient) -> dict[int, tuple[str, s
 
 def image_of(admin: client.ApiClient, ns: Namespace) -> str:
     deployment = client.AppsV1Api(admin).read_namespaced_deployment(NAME, ns.name)
-    return str(deployment.spec.template.spec.containers[0].image)
+    return kube.template_image(deployment)
 
 
 def events_of(admin: client.ApiClient, ns: Namespace) -> list[client.CoreV1Event]:
     return [e for e in client.CoreV1Api(admin).list_namespaced_event(ns.name).items
-            if e.source.component == "clover-rollback"]
+            if e.source is not None and e.source.component == "clover-rollback"]
 
 
 # ------------------------------------------------------------------------------- agent tests
@@ -261,8 +261,8 @@ def test_healthy_rollout_is_not_rolled_back(admin: client.ApiClient, namespace: 
     producer.produce(topics.anomalies, b"{not json", b"x/y")
     assert producer.flush(10) == 0
     # Healthy windows with the odd anomalous one: the streak never reaches two.
-    publish(*(verdict(namespace.name, new, w, k) for w, k in enumerate(
-        ["normal", "anomalous", "normal", "normal", "anomalous", "normal"])))
+    kinds: list[Verdict] = ["normal", "anomalous", "normal", "normal", "anomalous", "normal"]
+    publish(*(verdict(namespace.name, new, w, k) for w, k in enumerate(kinds)))
     found = read_decisions(decisions, 2)
     assert [(d.action, d.reason, d.consecutive_anomalous) for d in found] == [
         ("skip", "too_few_windows", 1)] * 2
@@ -298,17 +298,20 @@ def test_bad_rollout_is_rolled_back_once_to_the_previous_template(
     after = kube.wait_revisions(apps, namespace.name, NAME, 2)
     assert after == {2: (new, V2), 3: (old, V1)}
     deployment = apps.read_namespaced_deployment(NAME, namespace.name)
-    assert deployment.spec.template.spec.containers[0].image == V1
-    assert "pod-template-hash" not in deployment.spec.template.metadata.labels
-    marked = int(deployment.metadata.annotations[ROLLED_BACK_AT_ANNOTATION])
+    assert kube.template_image(deployment) == V1
+    template_meta, meta = deployment.spec.template.metadata, deployment.metadata
+    assert template_meta is not None and template_meta.labels is not None
+    assert "pod-template-hash" not in template_meta.labels
+    assert meta is not None and meta.annotations is not None
+    marked = int(meta.annotations[ROLLED_BACK_AT_ANNOTATION])
     assert rollback.decided_us <= marked <= rollback.patched_us
-    assert deployment.metadata.annotations["deployment.kubernetes.io/revision"] == "3"
+    assert meta.annotations["deployment.kubernetes.io/revision"] == "3"
 
     # Recorded everywhere: Kafka (above), an Event per decision, Cassandra, Prometheus.
     events = kube.eventually(lambda: len(events_of(admin, namespace)) == 4 and events_of(
         admin, namespace))
     assert events, "expected 4 events"
-    assert sorted(e.reason for e in events) == ["CloverRollback", "CloverRollbackSkipped",
+    assert sorted(e.reason or "" for e in events) == ["CloverRollback", "CloverRollbackSkipped",
                                                  "CloverRollbackSkipped", "CloverRollbackSkipped"]
     assert all(e.involved_object.name == NAME and e.involved_object.kind == "Deployment"
                for e in events)
@@ -343,7 +346,8 @@ def test_flapping_anomalies_inside_the_cooldown_give_one_action(
     assert first.action == "rollback"
     kube.wait_revisions(client.AppsV1Api(admin), namespace.name, NAME, 2)
     # The restored revision flaps, and late verdicts about the bad one keep coming.
-    kinds = ["anomalous", "normal", "anomalous", "anomalous", "normal", "anomalous"]
+    kinds: list[Verdict] = ["anomalous", "normal", "anomalous", "anomalous", "normal",
+                            "anomalous"]
     publish(*(verdict(namespace.name, old, w, k) for w, k in enumerate(kinds, start=1)),
             verdict(namespace.name, new, 1))
     found = read_decisions(decisions, 6)[1:]  # the reader starts at the first decision again
@@ -393,7 +397,7 @@ def test_agent_records_a_403_in_a_namespace_its_token_does_not_cover(
 
 def image_of_in(admin: client.ApiClient, namespace: str) -> str:
     deployment = client.AppsV1Api(admin).read_namespaced_deployment(NAME, namespace)
-    return str(deployment.spec.template.spec.containers[0].image)
+    return kube.template_image(deployment)
 
 
 # ------------------------------------------------------------------ identity and fault tests
@@ -418,7 +422,7 @@ def test_token_cannot_read_or_patch_deployments_in_another_namespace(
         # In its own namespace it may read and patch, but not delete or read pods.
         client.AppsV1Api(admin).create_namespaced_deployment(namespace.name,
                                                              kube.deployment(NAME))
-        assert apps.read_namespaced_deployment(NAME, namespace.name).metadata.name == NAME
+        assert kube.name_of(apps.read_namespaced_deployment(NAME, namespace.name)) == NAME
         with pytest.raises(ApiException) as denied:
             apps.delete_namespaced_deployment(NAME, namespace.name)
         assert denied.value.status == 403
@@ -502,10 +506,12 @@ def test_two_agents_deciding_at_once_roll_back_once(
     # Both read the Deployment before either patches it.
     plans = [c.decide(anomaly, c.streaks.update(anomaly)) for c in (first, second)]
     assert [p[0].action for p in plans if p[0] is not None] == ["rollback", "rollback"]
-    done = first.execute(*plans[0])
+    (first_decision, first_rollout), (second_decision, second_rollout) = plans
+    assert first_decision is not None and second_decision is not None  # both "rollback" above
+    done = first.execute(first_decision, first_rollout)
     assert done.action == "rollback" and done.patched_us is not None
     # The second patch's generation test fails: it does not apply to the changed Deployment.
-    late = second.execute(*plans[1])
+    late = second.execute(second_decision, second_rollout)
     assert (late.action, late.reason) == ("failed", "deployment_changed")
     # Looking again (as handle() does), the second agent sees the first one's rollback
     # annotation: cooldown, although it never acted itself.
