@@ -8,13 +8,23 @@ import numpy as np
 import pytest
 
 from analytics.windows import WindowAggregator, aggregate, decode_sketch, merge_sketches
-from clover.records import Endpoint, FlowRecord, ServiceMetrics, SpanRecord, to_dict, validate
+from clover.records import (
+    Endpoint,
+    FlowRecord,
+    FlowState,
+    ObservedAt,
+    ServiceMetrics,
+    SpanKind,
+    SpanRecord,
+    to_dict,
+    validate,
+)
 
 BASE_US = 1_700_000_000_000_000  # a window boundary for every window length used here
 
 
 def span(i: int, end_us: int, duration_us: int = 10_000, *, service: str = "cart",
-         kind: str = "server", error: bool = False, revision: str = "r1",
+         kind: SpanKind = "server", error: bool = False, revision: str = "r1",
          peer: str | None = None) -> SpanRecord:
     return SpanRecord(trace_id=f"{i:032x}", span_id=f"{i + 1:016x}", service=service,
                       operation="GET /", kind=kind, start_us=end_us - duration_us,
@@ -23,8 +33,9 @@ def span(i: int, end_us: int, duration_us: int = 10_000, *, service: str = "cart
                       bytes_sent=100, bytes_received=40)
 
 
-def flow(end_us: int, *, state: str = "closed", observed_at: str = "src", sport: int = 40000,
-         duration_us: int = 1000, sent: int = 500, received: int = 2000) -> FlowRecord:
+def flow(end_us: int, *, state: FlowState = "closed", observed_at: ObservedAt = "src",
+         sport: int = 40000, duration_us: int = 1000, sent: int = 500,
+         received: int = 2000) -> FlowRecord:
     return FlowRecord(
         observer="tcp_lifecycle", node="n1", protocol="tcp", ip_version=4,
         src=Endpoint("10.0.0.1", sport, "shop", "frontend", "frontend-1", "f1"),
