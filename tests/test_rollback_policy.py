@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from clover.config import RollbackSettings
-from clover.records import Anomaly, encode
+from clover.records import Anomaly, Verdict, encode
 from k8s.rollback import Revision, Rollout
 from streams.rollback_policy import Streaks, judge, screen
 
@@ -16,7 +16,7 @@ CONFIG = RollbackSettings(watch_window_s=600, post_promotion_watch_s=300, consec
 ALLOWED = ("shop",)
 
 
-def anomaly(verdict: str = "anomalous", window: int = 0, revision: str = "bbb",
+def anomaly(verdict: Verdict = "anomalous", window: int = 0, revision: str = "bbb",
             namespace: str = "shop") -> Anomaly:
     return Anomaly(namespace=namespace, service="cart", revision=revision,
                    window_start_us=NOW - 600 * S + window * 10 * S, window_seconds=10,
