@@ -406,7 +406,8 @@ def test_the_api_server_accepts_every_object_it_knows(target: str,
         broken["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = 70000
         with pytest.raises(ApiException) as refused:
             _dry_run(dynamic, broken)
-        assert refused.value.status == 422 and "containerPort" in refused.value.body
+        body = refused.value.body
+        assert refused.value.status == 422 and body is not None and "containerPort" in body
     finally:
         for name in renamed.values():
             core.delete_namespace(name)
