@@ -283,7 +283,8 @@ class _DecisionReader:
         self.consumer.assign([TopicPartition(topic, 0, 0)])
 
     def poll(self) -> list[RollbackDecision]:
-        return [records.decode(RollbackDecision, m.value())
+        # A tombstone (no value) is undecodable, like any value that is not JSON.
+        return [records.decode(RollbackDecision, m.value() or b"")
                 for m in self.consumer.consume(100, timeout=0.01) if m.error() is None]
 
     def close(self) -> None:
