@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from clover.config import Settings
 from clover.kafka import client_config, producer_config
 from clover.records import Anomaly, ServiceMetrics
 from clover.stack import Stack
+from tests.conftest import TopicReader
 from tests.test_models_features import as_records, synthetic_metrics
 
 CLOVER = [sys.executable, "-m", "clover.cli"]
@@ -126,7 +127,7 @@ def agents() -> Iterator[Callable[..., Agent]]:
 
 
 def _publish(settings: Settings, topic: str, windows: list[ServiceMetrics],
-             raw: list[bytes] = ()) -> None:
+             raw: Sequence[bytes] = ()) -> None:
     producer = Producer(producer_config(settings))
     for value in raw:
         producer.produce(topic, value, b"shop/cart")
@@ -135,15 +136,15 @@ def _publish(settings: Settings, topic: str, windows: list[ServiceMetrics],
     assert producer.flush(10) == 0
 
 
-def _verdicts(topic_reader: Callable[[str], object], reader: object,
+def _verdicts(topic_reader: Callable[[str], TopicReader], reader: TopicReader,
               count: int) -> list[Anomaly]:
-    messages = reader.read(count, timeout=60)  # type: ignore[attr-defined]
+    messages = reader.read(count, timeout=60)
     return [records.decode(Anomaly, m.value()) for m in messages]
 
 
 def test_agent_learns_online_flags_a_spike_and_records_every_verdict(
         settings: Settings, keyspace: Store, topics: Topics, agents: Callable[..., Agent],
-        topic_reader: Callable[[str], object], tmp_path: Path) -> None:
+        topic_reader: Callable[[str], TopicReader], tmp_path: Path) -> None:
     verdicts_reader = topic_reader(topics.anomalies)
     deadletters = topic_reader("clover.deadletter")
     frame = synthetic_metrics(windows=20, services=("cart",), seed=31,
@@ -162,7 +163,7 @@ def test_agent_learns_online_flags_a_spike_and_records_every_verdict(
     assert verdicts[15].contributions[0].feature.startswith("latency")
     assert all(v.verdict == "normal" for i, v in enumerate(verdicts) if i >= 4 and i != 15)
     # The edge row (published before the windows) gave no verdict: 20 records, not 21.
-    assert len(verdicts_reader.read_all()) == 20  # type: ignore[attr-defined]
+    assert len(verdicts_reader.read_all()) == 20
 
     stored = AnomalyTable(keyspace).read("shop", "cart", windows[0].window_start_us,
                                          windows[-1].window_start_us + 1)
@@ -175,7 +176,7 @@ def test_agent_learns_online_flags_a_spike_and_records_every_verdict(
 
 def test_train_from_cassandra_then_score_with_the_model(
         settings: Settings, keyspace: Store, topics: Topics, agents: Callable[..., Agent],
-        topic_reader: Callable[[str], object], tmp_path: Path) -> None:
+        topic_reader: Callable[[str], TopicReader], tmp_path: Path) -> None:
     history = as_records(synthetic_metrics(windows=120, services=("cart",), seed=41,
                                            start_us=1_699_990_000_000_000))
     assert keyspace.write_service_metrics(history) == 120
