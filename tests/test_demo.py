@@ -28,6 +28,7 @@ from clover.stack import Stack
 from demo.mesh import MESH, image
 from demo.scenario import DemoOptions, DemoReport, revisions, run_demo
 from k8s.rollback import ROLLED_BACK_AT_ANNOTATION
+from tests import kube
 
 DAY_US = 86_400_000_000
 
@@ -96,15 +97,16 @@ def test_a_faulty_rollout_is_rolled_back_once_to_the_previous_revision(
     # The API server: the Deployment is back on v1's template, as revision 3, and Clover's
     # annotation says it acted.
     deployment = apps.read_namespaced_deployment(service, namespace)
-    assert deployment.spec.template.spec.containers[0].image == image(service, "v1")
+    assert kube.template_image(deployment) == image(service, "v1")
+    assert deployment.metadata is not None  # the API server sets it on every object
     annotations = deployment.metadata.annotations or {}
     assert annotations.get("deployment.kubernetes.io/revision") == "3"
     assert ROLLED_BACK_AT_ANNOTATION in annotations
     sets = revisions(apps, namespace, service)
     assert sorted(sets) == [2, 3]  # revision 1's ReplicaSet became revision 3
-    assert sets[3].spec.template.spec.containers[0].image == image(service, "v1")
-    assert sets[3].metadata.labels["pod-template-hash"] == report.revisions["v1"]
-    assert sets[2].spec.template.spec.containers[0].image == image(service, "v2-errors")
+    assert kube.template_image(sets[3]) == image(service, "v1")
+    assert kube.template_hash(sets[3]) == report.revisions["v1"]
+    assert kube.template_image(sets[2]) == image(service, "v2-errors")
     for other in MESH:  # nobody else was touched
         if other.name != service:
             assert sorted(revisions(apps, namespace, other.name)) == [1]
@@ -142,7 +144,8 @@ def test_a_harmless_rollout_is_not_rolled_back(
     assert len(judged) >= 2, judged
 
     deployment = apps.read_namespaced_deployment(service, namespace)
-    assert deployment.spec.template.spec.containers[0].image == image(service, "v2")
+    assert kube.template_image(deployment) == image(service, "v2")
+    assert deployment.metadata is not None  # the API server sets it on every object
     assert (deployment.metadata.annotations or {}).get(
         "deployment.kubernetes.io/revision") == "2"
     with connect(demo_settings) as store:
