@@ -28,6 +28,12 @@ least ``1 - a`` should be at most about ``a``. The report gives that share for `
 0.01 and 0.001 beside the nominal rate, for the final score (after persistence) and for the
 windows' own p-values (before it).
 
+**Call patterns**: the same windows are also judged with :class:`models.structure.
+CallPatternScorer`'s verdicts added (a window is anomalous when either says so), in
+``with_patterns``: faults in a service's code that change only which calls its requests make
+(an early return, an exception) show only in the spans' structure, which the stream's window
+rows do not carry; this measures what the stream would gain if the aggregation counted them.
+
 The recording is a set of minute files with gaps between them, so the first and last window of
 each stretch of data hold only part of their ten seconds; they are not scored (a live stream
 has no such edges).
@@ -69,6 +75,7 @@ from models.nab import (
     score_series,
 )
 from models.online import OnlineScorer
+from models.structure import CallPatternScorer, PatternWindow, call_patterns, judge_all
 
 if TYPE_CHECKING:
     from collectors.ingest import BatchResult, Candidate
@@ -180,6 +187,10 @@ class NezhaResult:
     shift_s: int = 0
     # The same day with the windows shifted (see the module's docstring): (seconds, result).
     shifted: list[NezhaResult] = field(default_factory=list)
+    # The same windows with the call-pattern scorer's verdicts added (models.structure; it
+    # needs the spans, which the stream's rows do not carry): a window is anomalous when
+    # either says so.
+    with_patterns: NezhaResult | None = None
 
     @property
     def detected(self) -> int:
@@ -305,28 +316,31 @@ def shift_spans(spans: Sequence[SpanRecord], seconds: int) -> list[SpanRecord]:
 
 def evaluate_nezha(directory: Path, scorer: OnlineScorer, window_seconds: int = 10, *,
                    metrics: Sequence[ServiceMetrics] | None = None,
+                   patterns: Sequence[PatternWindow] | None = None,
                    shift_s: int = 0, shifts: Sequence[int] = SHIFTS) -> NezhaResult:
     """Score the day's windows (``metrics``, else :func:`nezha_metrics` of ``directory``) in
     their order and count each fault and each false alarm (see the module's docstring);
-    ``shift_s``: the seconds ``metrics`` were shifted by (the faults are moved as much).
+    ``shift_s``: the seconds ``metrics`` were shifted by (the faults are moved as much). With
+    ``patterns`` (the same spans' call patterns), also the result with the call-pattern
+    scorer's verdicts added, in ``with_patterns``.
 
-    Without ``metrics``, the day is read from ``directory`` and also scored with its spans
-    and faults shifted by each of the other ``shifts``, by fresh copies of ``scorer`` (given
-    unused); those results are in ``shifted``."""
+    Without ``metrics``, the day is read from ``directory`` (with its call patterns) and also
+    scored with its spans and faults shifted by each of the other ``shifts``, by fresh copies
+    of ``scorer`` (given unused); those results are in ``shifted``."""
     if metrics is None:
         fresh = copy.deepcopy(scorer)
         spans = nezha_spans(directory)
         result = evaluate_nezha(directory, scorer, window_seconds,
-                                metrics=whole_windows(spans, window_seconds))
+                                metrics=whole_windows(spans, window_seconds),
+                                patterns=call_patterns(spans, window_seconds))
         for seconds in shifts:
             if seconds:
+                moved = shift_spans(spans, seconds)
                 result.shifted.append(evaluate_nezha(
                     directory, copy.deepcopy(fresh), window_seconds, shift_s=seconds,
-                    metrics=whole_windows(shift_spans(spans, seconds), window_seconds)))
+                    metrics=whole_windows(moved, window_seconds),
+                    patterns=call_patterns(moved, window_seconds)))
         return result
-    faults = read_faults(directory)
-    for fault in faults:
-        fault.inject_us += shift_s * 1_000_000
     anomalies, p_values = [], []
     for m in metrics:
         if m.peer_service is not None:
@@ -335,6 +349,39 @@ def evaluate_nezha(directory: Path, scorer: OnlineScorer, window_seconds: int = 
             anomaly, p = scorer.judge(m, now_us=m.window_start_us + window_seconds * 1_000_000)
             anomalies.append(anomaly)
             p_values.append(p)
+    result = _tally(directory, anomalies, p_values, window_seconds, shift_s)
+    if patterns is not None:
+        result.with_patterns = _tally(
+            directory, _with_patterns(anomalies, patterns, CallPatternScorer(
+                threshold=scorer.threshold, relearn_after=scorer.relearn_after)),
+            p_values, window_seconds, shift_s)
+    return result
+
+
+def _with_patterns(anomalies: Sequence[Anomaly], patterns: Sequence[PatternWindow],
+                   scorer: CallPatternScorer) -> list[Anomaly]:
+    """The online scorer's verdicts, each made anomalous where the call-pattern scorer flags
+    that service window. Only the windows the online scorer judged are given to it (the
+    whole windows; the partial first and last window of each stretch are not)."""
+    scored = {(a.namespace, a.service, a.window_start_us) for a in anomalies}
+    verdicts = judge_all([w for w in patterns
+                          if (w.namespace, w.service, w.window_start_us) in scored], scorer)
+    out = []
+    for a in anomalies:
+        score, _ = verdicts.get((a.namespace, a.service, a.window_start_us), (float("nan"), 0))
+        if score == score and score >= scorer.threshold and a.verdict != "anomalous":
+            a = dataclasses.replace(a, verdict="anomalous", score=round(score, 6),
+                                    reason="rare call patterns")
+        out.append(a)
+    return out
+
+
+def _tally(directory: Path, anomalies: Sequence[Anomaly], p_values: Sequence[float],
+           window_seconds: int, shift_s: int) -> NezhaResult:
+    """Each fault found or not, and the false alarms, of the day's verdicts."""
+    faults = read_faults(directory)
+    for fault in faults:
+        fault.inject_us += shift_s * 1_000_000
     window_us = window_seconds * 1_000_000
     for fault in faults:
         late = fault.inject_us + DETECTION_S * 1_000_000
@@ -428,6 +475,11 @@ def nezha_report(result: NezhaResult) -> str:
                 f"a={a:g}: {k}/{n} = {k / n:.4f}" for a, k, n in rows))
     if result.shifted:
         lines.append(shifts_report([result, *result.shifted]))
+    if result.with_patterns is not None:
+        lines.append("  with the call-pattern scorer's verdicts added (models.structure: it needs "
+                     "the spans, which the stream's window rows do not carry):")
+        lines.append(shifts_report([r.with_patterns for r in (result, *result.shifted)
+                                    if r.with_patterns is not None]))
     return "\n".join(lines)
 
 

@@ -164,3 +164,31 @@ def test_calibration_and_shifts_are_counted_and_the_worst_case_reported(
     report = shifts_report([clean, later])
     assert "worst case: recall 1.00 (faults with data), 1 false-alarm episodes" in report
     assert report.splitlines()[2].split()[:4] == ["5s", "1/1", "1.00", "0"]
+
+
+def test_a_fault_seen_only_in_call_patterns_is_found_with_them(tmp_path: Path) -> None:
+    import json
+
+    from models.structure import PatternWindow
+    from tests.test_models_features import as_records, synthetic_metrics
+
+    # cart's windows look as usual throughout; in the fault's first 100 s (windows 40-49) a
+    # third of its requests stop after their first call (an early return): only its call
+    # patterns show it.
+    frame = synthetic_metrics(windows=60, services=("cart",), seed=3)
+    start_s = int(frame["window_start_us"].iloc[0]) // 1_000_000
+    (tmp_path / "fault_list.json").write_text(json.dumps({"00": [{
+        "inject_time": "", "inject_timestamp": str(start_s + 400),
+        "inject_pod": "cart-5f6585d649-fnmft", "inject_type": "return"}]}))
+    patterns = [PatternWindow("shop", "cart", int(m.window_start_us), 10,
+                              {"get+set": m.requests - m.requests // 3, "get": m.requests // 3}
+                              if 40 <= i < 50 else {"get+set": m.requests})
+                for i, m in enumerate(as_records(frame))]
+    result = evaluate_nezha(tmp_path, OnlineScorer(), metrics=as_records(frame),
+                            patterns=patterns)
+    assert not result.faults[0].detected
+    with_patterns = result.with_patterns
+    assert with_patterns is not None and with_patterns.faults[0].detected
+    assert with_patterns.faults[0].delay_s == 10 and with_patterns.false_alarm_episodes == 0
+    # The online scorer's own result is unchanged by them.
+    assert evaluate_nezha(tmp_path, OnlineScorer(), metrics=as_records(frame)).detected == 0
