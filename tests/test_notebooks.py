@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -48,12 +47,6 @@ WINDOW_S = 2
 NORMAL_S = 26  # seconds of healthy traffic before the bad rollout (13 windows of history)
 BAD_MAX_S = 50  # the bad revision's traffic, until the rollback (or this long)
 AFTER_S = 8  # healthy traffic again after the rollback
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Process:
@@ -217,7 +210,7 @@ def run(live_stack: Stack, settings: Settings, kafka_topics: dict[str, str],
                 **base, "CLOVER_MODELS_GROUP_ID": score_group,
                 "CLOVER_MODELS_MODEL_PATH": str(work / "no-model.joblib"),
                 "CLOVER_MODELS_MIN_WINDOWS": "4",
-                "CLOVER_MODELS_METRICS_PORT": str(_free_port())}, work,
+                "CLOVER_MODELS_METRICS_PORT": "0"}, work,  # not scraped here
             ready="scoring agent ready"))
         processes.append(Process(
             ["rollback", "agent", "--anomalies-topic", anomalies, "--decisions-topic",
@@ -226,7 +219,7 @@ def run(live_stack: Stack, settings: Settings, kafka_topics: dict[str, str],
                 "CLOVER_ROLLBACK_ALLOWED_NAMESPACES": namespace,
                 "CLOVER_ROLLBACK_GROUP_ID": f"test-nb-rollback-{suffix}",
                 "CLOVER_ROLLBACK_CONSECUTIVE_WINDOWS": "2",
-                "CLOVER_ROLLBACK_METRICS_PORT": str(_free_port())}, work,
+                "CLOVER_ROLLBACK_METRICS_PORT": "0"}, work,
             ready="rollback agent ready"))
 
         decisions = _DecisionReader(settings, decisions_topic)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -21,17 +20,12 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from clover import records
 from clover.records import SpanRecord
 from clover.topics import SPANS
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.ports import free_port
 
 
 def test_receive_spans_command_serves_all_receivers_and_stops_cleanly(
         live_stack: Any, kafka_topics: Any, topic_reader: Any) -> None:
-    ports = {name: _free_port() for name in ("mixer", "otlp", "zipkin", "metrics")}
+    ports = {name: free_port() for name in ("mixer", "otlp", "zipkin", "metrics")}
     env = {**os.environ, "CLOVER_RECEIVERS_LISTEN_HOST": "127.0.0.1",
            **{f"CLOVER_RECEIVERS_{name.upper()}_PORT": str(port) for name, port in ports.items()}}
     reader = topic_reader(SPANS.name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -38,15 +37,10 @@ from clover.stack import Stack
 from k8s.rollback import ROLLED_BACK_AT_ANNOTATION, Actuator
 from streams.rollback import build_controller
 from tests import kube
+from tests.ports import free_port
 
 NAME = "cart"
 V1, V2 = "registry.local/cart:v1", "registry.local/cart:v2"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -128,7 +122,7 @@ class Agent:
 
     def __init__(self, settings: Settings, store: Store, ns: Namespace, topics: Topics,
                  *args: str, **rollback: Any) -> None:
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         allowed = rollback.pop("allowed", ns.name)
         env = {
             **os.environ,
@@ -471,7 +465,7 @@ def test_unreachable_api_server_is_retried_then_recorded_as_failed(
     # The same identity, pointed at a port where no API server listens: connections are
     # refused for real.
     dead = yaml.safe_load(namespace.kubeconfig.read_text())
-    dead["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{_free_port()}"
+    dead["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{free_port()}"
     dead_kubeconfig = namespace.kubeconfig.with_name("dead.kubeconfig")
     dead_kubeconfig.write_text(yaml.safe_dump(dead))
     api = config.new_client_from_config(config_file=str(dead_kubeconfig))

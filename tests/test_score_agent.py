@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -33,12 +32,6 @@ from tests.conftest import TopicReader
 from tests.test_models_features import as_records, synthetic_metrics
 
 CLOVER = [sys.executable, "-m", "clover.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +68,9 @@ def _env(store: Store, model_path: Path, **models: object) -> dict[str, str]:
     return {**os.environ, "CLOVER_CASSANDRA_KEYSPACE": store.keyspace,
             "CLOVER_MODELS_MODEL_PATH": str(model_path),
             "CLOVER_MODELS_GROUP_ID": f"test-score-{uuid.uuid4().hex[:8]}",
-            "CLOVER_MODELS_METRICS_PORT": str(_free_port()),
+            # No metrics endpoint: these tests do not scrape it, and a port picked free here
+            # can be taken by another process before the agent binds it.
+            "CLOVER_MODELS_METRICS_PORT": "0",
             **{f"CLOVER_MODELS_{k.upper()}": str(v) for k, v in models.items()}}
 
 
