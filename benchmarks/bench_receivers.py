@@ -5,7 +5,6 @@ batched OTLP/gRPC and Zipkin requests, against the same publisher producing read
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 from statistics import median
@@ -17,18 +16,13 @@ from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from benchmarks.common import CliProcess, Result, publisher_rate_per_core
+from clover.ports import free_port
 from clover.topics import SPANS
 from tests import samples
 
 BATCH = 1000  # spans per request, as an OpenTelemetry collector's batch processor sends
 REQUESTS = 40  # per round
 ROUNDS = 3  # the median round is reported: the machine's other load makes single runs noisy
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _otlp_request(batch: int, seed: int) -> bytes:
@@ -78,7 +72,7 @@ def _measure(receivers: CliProcess, send: object, bodies: list[bytes]) -> float:
 
 
 def run() -> list[Result]:
-    otlp_port, zipkin_port = _free_port(), _free_port()
+    otlp_port, zipkin_port = free_port(), free_port()
     receivers = CliProcess(["receive", "spans"], {
         "CLOVER_RECEIVERS_MIXER_PORT": "0", "CLOVER_RECEIVERS_OTLP_PORT": str(otlp_port),
         "CLOVER_RECEIVERS_ZIPKIN_PORT": str(zipkin_port), "CLOVER_RECEIVERS_METRICS_PORT": "0",

@@ -10,8 +10,6 @@ from the defaults, and why; the README's "The demo" section repeats it.
 from __future__ import annotations
 
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clover.config import Settings
+from clover.ports import free_port, port_is_free
 
 # Every setting the demo changes, and why (the README lists them too). Windows stay 10 s.
 DEMO_TUNING: dict[str, tuple[str, str]] = {
@@ -60,10 +59,10 @@ def choose_ports(settings: Settings) -> tuple[Ports, list[str]]:
     taken: set[int] = set()
 
     def pick(setting: str, configured: int) -> int:
-        if configured and configured not in taken and _free(configured):
+        if configured and configured not in taken and port_is_free(configured):
             taken.add(configured)
             return configured
-        port = _any_free_port(taken)
+        port = free_port(taken)
         taken.add(port)
         notes.append(f"{setting} {configured} is in use; the demo uses {port}")
         return port
@@ -79,35 +78,6 @@ def choose_ports(settings: Settings) -> tuple[Ports, list[str]]:
         scorer_metrics=pick("models.metrics_port", settings.models.metrics_port),
         rollback_metrics=pick("rollback.metrics_port", settings.rollback.metrics_port))
     return ports, notes
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
-def _any_free_port(taken: set[int]) -> int:
-    """A free port below the kernel's ephemeral range: a port the kernel handed out as free
-    (bind to 0) comes from that range, and before the component binds it, any outgoing
-    connection (to Kafka, Cassandra) may be given it as its local port."""
-    high = _ephemeral_range()[0]
-    low = min(20_000, high // 2)
-    for port in random.sample(range(low, high), high - low):
-        if port not in taken and _free(port):
-            return port
-    raise RuntimeError(f"no free port between {low} and {high}")
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
 
 
 @dataclass

@@ -332,15 +332,14 @@ def test_http_exchanges_become_server_spans(pair: VethPair, flow_settings: Setti
 
 def test_collector_serves_its_own_prometheus_metrics(pair: VethPair, flow_settings: Settings,
                                                      topic_reader: Any) -> None:
-    import socket
     import urllib.request
+
+    from clover.ports import free_port
 
     # A port free a moment ago can be taken before the collector binds it (CI saw this once):
     # that is the collector's clear "in use" error, and the test tries another port.
     for attempt in range(5):
-        with socket.socket() as probe:
-            probe.bind(("0.0.0.0", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         settings = dataclasses.replace(flow_settings, collectors=dataclasses.replace(
             flow_settings.collectors, metrics_port=port))
         try:

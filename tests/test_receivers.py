@@ -18,9 +18,9 @@ from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from clover import records
+from clover.ports import free_port
 from clover.records import SpanRecord
 from clover.topics import SPANS
-from tests.ports import free_port
 
 
 def test_receive_spans_command_serves_all_receivers_and_stops_cleanly(

@@ -32,12 +32,12 @@ from analytics.store import Store, connect
 from clover import records
 from clover.config import Settings
 from clover.kafka import client_config, producer_config
+from clover.ports import free_port
 from clover.records import Anomaly, RollbackDecision, Verdict
 from clover.stack import Stack
 from k8s.rollback import ROLLED_BACK_AT_ANNOTATION, Actuator
 from streams.rollback import build_controller
 from tests import kube
-from tests.ports import free_port
 
 NAME = "cart"
 V1, V2 = "registry.local/cart:v1", "registry.local/cart:v2"
