@@ -27,7 +27,7 @@ from analytics.windows import SpanColumns
 from benchmarks.common import Result
 from clover import records
 from clover.config import load_settings
-from clover.kafka import consumer_config, producer_config
+from clover.kafka import consumer_config, produce_waiting, producer_config
 from clover.records import SpanRecord
 from clover.topics import SPANS
 from tests.test_aggregate import _start_group_at_the_end, make_spans
@@ -89,7 +89,7 @@ def _worker_round(keyspace: str) -> tuple[float, list[TopicPartition]]:
         suspended = time.monotonic()
         producer = Producer(producer_config(settings))
         for key, value in messages:
-            _produce(producer, key, value)
+            produce_waiting(producer, SPANS.name, value, key)
         assert producer.flush(60) == 0
         if time.monotonic() - suspended > SESSION_TIMEOUT_S:
             print("stream worker: suspended longer than its session timeout: the figure "
@@ -107,15 +107,6 @@ def _worker_round(keyspace: str) -> tuple[float, list[TopicPartition]]:
         worker.terminate()
         worker.wait(30)
     return N / elapsed, starts
-
-
-def _produce(producer: Producer, key: bytes, value: bytes) -> None:
-    while True:
-        try:
-            producer.produce(SPANS.name, key=key, value=value)
-            return
-        except BufferError:  # the producer's queue is full: let it deliver some
-            producer.poll(0.1)
 
 
 def _decode_only(messages: list[Message]) -> None:

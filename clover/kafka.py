@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from clover.config import Settings
@@ -43,6 +43,18 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "fetch.queue.backoff.ms": 10,
         **overrides,
     }
+
+
+def produce_waiting(producer: Producer, topic: str, value: bytes,
+                    key: bytes | str | None = None, *, poll_s: float = 0.1) -> None:
+    """Queue one message; while the producer's local queue is full (Kafka slow or away), serve
+    deliveries for ``poll_s`` and try again: a full queue is back-pressure, not an error."""
+    while True:
+        try:
+            producer.produce(topic, value, key=key)
+            return
+        except BufferError:
+            producer.poll(poll_s)
 
 
 def admin_client(settings: Settings, timeout_s: float = 15.0) -> AdminClient:

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from clover import records
 from clover.config import Settings
-from clover.kafka import producer_config
+from clover.kafka import produce_waiting, producer_config
 from clover.topics import Topic
 
 log = logging.getLogger(__name__)
@@ -82,14 +82,8 @@ class Publisher:
             self._produce(key, value)  # the local queue is full: wait for room
 
     def _produce(self, key: bytes | None, value: bytes) -> None:
-        while True:
-            try:
-                self._producer.produce(self.topic.name, value, key=key)
-                self._queued += 1
-                return
-            except BufferError:
-                # The local queue is full (Kafka slow or down): wait for deliveries.
-                self._producer.poll(0.1)
+        produce_waiting(self._producer, self.topic.name, value, key)
+        self._queued += 1
 
     def _on_delivery(self, err: KafkaError | None, message: Message) -> None:
         if err is None:  # not reported with delivery.report.only.error, unless overridden

@@ -66,7 +66,7 @@ from analytics.store import RowsInFlight, Store, StreamProgress, connect
 from analytics.windows import SpanColumns, Window, WindowAggregator
 from clover import records, topics
 from clover.config import Settings
-from clover.kafka import consumer_config, producer_config
+from clover.kafka import consumer_config, produce_waiting, producer_config
 from clover.metrics_endpoint import serve_metrics
 from clover.records import INT64_MAX, FlowRecord, RecordError, ServiceMetrics, SpanRecord
 from streams.deadletter import letter_for_kafka
@@ -671,12 +671,7 @@ class AggregationWorker:
     # -- servers ----------------------------------------------------------------------------
 
     def _produce(self, topic: str, key: bytes | str, value: bytes) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, key=key, value=value)
-                return
-            except BufferError:  # the producer's queue is full: let it deliver some
-                self.producer.poll(0.5)
+        produce_waiting(self.producer, topic, value, key, poll_s=0.5)
 
     def _flush_producer(self) -> None:
         remaining = self.producer.flush(30)
