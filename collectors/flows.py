@@ -17,13 +17,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from clover.config import Settings
+from clover.heap import freeze_startup_objects
 from clover.kafka import admin_client
 from clover.metrics_endpoint import serve_metrics
 from clover.records import SpanRecord
 from clover.stack.install import kernel_headers_dir
 from clover.topics import FLOWS, SPANS
 from collectors.environment import bpf_environment
-from collectors.heap import freeze_startup_objects
 from collectors.packets import HttpExchange, PacketCounter
 from collectors.publish import Publisher, PublisherMetrics
 from collectors.signals import stop_on_signals

@@ -8,9 +8,9 @@ import threading
 from dataclasses import dataclass
 
 from clover.config import Settings
+from clover.heap import freeze_startup_objects
 from clover.kafka import admin_client
 from clover.metrics_endpoint import serve_metrics
-from collectors.heap import freeze_startup_objects
 from collectors.ingest import SpanSink
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ due, by a program user space runs for that connection (collectors/testrun.py).
 Records leave as ready-encoded Kafka messages (key, flow.v1 JSON), built from plain dicts in
 FlowRecord's field order: at 100k+ records/s the dataclasses, a per-record attribution
 lookup and text conversions of the same addresses were most of what a profile of the collector
-showed (with the garbage collector's scans, see collectors/heap.py). The
+showed (with the garbage collector's scans, see clover/heap.py). The
 collector is trusted, typed code, so its output is not validated again on the hot path; the
 root tests read every record back from Kafka through the validating ``records.decode``.
 """

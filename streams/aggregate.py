@@ -66,6 +66,7 @@ from analytics.store import RowsInFlight, Store, StreamProgress, connect
 from analytics.windows import SpanColumns, Window, WindowAggregator
 from clover import records, topics
 from clover.config import Settings
+from clover.heap import freeze_startup_objects
 from clover.kafka import consumer_config, produce_waiting, producer_config
 from clover.metrics_endpoint import serve_metrics
 from clover.records import INT64_MAX, FlowRecord, RecordError, ServiceMetrics, SpanRecord
@@ -716,7 +717,7 @@ def _quiet_collector() -> None:
     set off several collections per batch, some of them over the whole heap: measured at
     about half the worker's CPU time. The objects of startup (modules, the Kafka and Cassandra
     clients) live as long as the process, so they are frozen out of collections."""
-    gc.freeze()
+    freeze_startup_objects()
     gc.set_threshold(50_000, 20, 10)
 
 

@@ -1,4 +1,5 @@
-"""Keep the garbage collector off what a long-running collector or receiver loaded at start.
+"""Keep the garbage collector off what a long-running process (a collector, a receiver, the
+stream worker) loaded at start.
 
 By the time a collector is running it holds ~150k long-lived objects (imported modules, the
 Kubernetes client's models, BCC, gRPC). Every record it handles allocates a few short-lived
