@@ -207,6 +207,12 @@ def persistent_p_value(p: float, previous: float | None, decisive: float | None 
     return min(1.0, q + q * q)
 
 
+def hold_back_p(threshold: float) -> float:
+    """The p-value at or below which a scorer with this threshold does not learn a window
+    (a suspicious one; see the module's docstring): about 0.022 at 0.999."""
+    return float(np.sqrt((1.0 - threshold) / 2.0))
+
+
 class OnlineScorer:
     """Scores service windows as they come; learns each service's normal on the way."""
 
@@ -232,7 +238,7 @@ class OnlineScorer:
     @property
     def hold_back_p(self) -> float:
         """A window with a p-value at most this is not learned (see the module's docstring)."""
-        return float(np.sqrt((1.0 - self.threshold) / 2.0))
+        return hold_back_p(self.threshold)
 
     # -- River's interface ----------------------------------------------------------------
 

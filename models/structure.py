@@ -35,7 +35,7 @@ import numpy as np
 from scipy.stats import binom
 
 from clover.records import SpanRecord
-from models.online import persistent_p_value
+from models.online import hold_back_p, persistent_p_value
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class CallPatternScorer:
     @property
     def hold_back_p(self) -> float:
         """As the online scorer's: a window this suspicious is not learned."""
-        return float(np.sqrt((1.0 - self.threshold) / 2.0))
+        return hold_back_p(self.threshold)
 
     def rare_requests(self, window: PatternWindow) -> int:
         history = self._history.get((window.namespace, window.service), _History())
