@@ -11,11 +11,13 @@ from clover.config import ConfigError
 
 def serve_metrics(port: int, setting: str, *, addr: str = "0.0.0.0",
                   registry: CollectorRegistry = REGISTRY) -> None:
-    """Serve ``registry`` on ``addr:port`` in a background thread.
+    """Serve ``registry`` on ``addr:port`` in a background thread; port 0 is no endpoint.
 
     ``setting`` is the dotted name of the port's setting (``collectors.metrics_port``), so a
     port already in use names what to change instead of ending in a bind traceback.
     """
+    if not port:
+        return
     try:
         start_http_server(port, addr=addr, registry=registry)
     except OSError as exc:

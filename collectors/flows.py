@@ -80,8 +80,7 @@ def collect_flows(settings: Settings, *, interfaces: list[str] | None = None,
     stop = stop or threading.Event()
     registry = registry or CollectorRegistry()
     metrics = FlowMetrics(registry)
-    if config.metrics_port:
-        serve_metrics(config.metrics_port, "collectors.metrics_port", registry=registry)
+    serve_metrics(config.metrics_port, "collectors.metrics_port", registry=registry)
     publisher_metrics = PublisherMetrics(registry, "flow-collector")
     publisher = Publisher(settings, FLOWS, publisher_metrics)
     spans = Publisher(settings, SPANS, publisher_metrics) if http and interfaces else None

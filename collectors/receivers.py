@@ -34,9 +34,8 @@ def receive_spans(settings: Settings, *, stop: threading.Event,
     config = settings.receivers
     admin_client(settings)  # Kafka reachable, or a clear error before any port opens
     sink = SpanSink(settings)
-    if config.metrics_port:
-        serve_metrics(config.metrics_port, "receivers.metrics_port", addr=config.listen_host,
-                      registry=sink.registry)
+    serve_metrics(config.metrics_port, "receivers.metrics_port", addr=config.listen_host,
+                  registry=sink.registry)
     freeze_startup_objects()  # the imports above, the sink
     servers = []
     ports: dict[str, int | None] = {}

@@ -762,8 +762,7 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
     """Run one aggregation worker in this process until SIGTERM or SIGINT."""
     logging.basicConfig(level=loglevel.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.streams.metrics_port:
-        serve_metrics(settings.streams.metrics_port, "streams.metrics_port")
+    serve_metrics(settings.streams.metrics_port, "streams.metrics_port")
     worker = AggregationWorker(settings)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)

@@ -309,9 +309,7 @@ def run_agent(settings: Settings, *, dry_run: bool = False,
     controller = build_controller(settings, registry=registry, decisions_topic=decisions_topic)
     app = configure(settings, id=settings.rollback.group_id)
     install(controller, anomalies_topic=anomalies_topic)
-    if settings.rollback.metrics_port:
-        serve_metrics(settings.rollback.metrics_port, "rollback.metrics_port",
-                      registry=registry)
+    serve_metrics(settings.rollback.metrics_port, "rollback.metrics_port", registry=registry)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:
         worker.execute_from_commandline()

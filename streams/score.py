@@ -200,8 +200,7 @@ def run_agent(settings: Settings, *, metrics_topic: str = SERVICE_METRICS.name,
     service = build_service(settings, registry=registry, anomalies_topic=anomalies_topic)
     app = configure(settings, id=settings.models.group_id)
     install(service, metrics_topic=metrics_topic)
-    if settings.models.metrics_port:
-        serve_metrics(settings.models.metrics_port, "models.metrics_port", registry=registry)
+    serve_metrics(settings.models.metrics_port, "models.metrics_port", registry=registry)
     logging.getLogger("clover").setLevel(loglevel.upper())
     logging.getLogger("streams").setLevel(loglevel.upper())
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
