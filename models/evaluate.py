@@ -196,8 +196,13 @@ class NezhaResult:
     def detected(self) -> int:
         return sum(f.detected for f in self.faults)
 
+    @property
+    def faults_with_data(self) -> list[Fault]:
+        """The faults with at least one scorable window of their service in fault time."""
+        return [f for f in self.faults if f.scorable_windows]
+
     def recall(self, with_data_only: bool = False) -> float:
-        faults = [f for f in self.faults if f.scorable_windows or not with_data_only]
+        faults = self.faults_with_data if with_data_only else self.faults
         return sum(f.detected for f in faults) / len(faults) if faults else float("nan")
 
     @property
@@ -442,7 +447,7 @@ def nezha_report(result: NezhaResult) -> str:
              f"  {'inject':<9} {'service':<22} {'fault':<15} outcome"]
     for f in result.faults:
         lines.append(f"  {when(f.inject_us):<9} {f.service:<22} {f.kind:<15} {f.outcome}")
-    with_data = sum(1 for f in result.faults if f.scorable_windows)
+    with_data = len(result.faults_with_data)
     delay = result.median_delay_s
     alarms_per_hour = result.alarms_per_hour
     lines += [
@@ -489,19 +494,15 @@ def shifts_report(results: Sequence[NezhaResult]) -> str:
              f"  {'shift':>5} {'found':>7} {'recall':>6} {'false alarms':>12} {'per hour':>8} "
              f"{'fault-free':>10} {'delay':>6} {'nearest normal':>14}"]
 
-    def data_recall(r: NezhaResult) -> tuple[int, int]:
-        with_data = [f for f in r.faults if f.scorable_windows]
-        return sum(f.detected for f in with_data), len(with_data)
-
     for r in results:
-        found, with_data = data_recall(r)
+        with_data = len(r.faults_with_data)
+        found = sum(f.detected for f in r.faults_with_data)
         delay = "-" if r.median_delay_s is None else f"{r.median_delay_s:.0f} s"
         nearest = "-" if r.nearest_normal is None else f"{r.nearest_normal.score}"
         lines.append(f"  {r.shift_s:>4}s {found:>3}/{with_data:<3} {r.recall(True):>6.2f} "
                      f"{r.false_alarm_episodes:>12} {r.alarms_per_hour:>8.1f} "
                      f"{r.fault_free_hours:>8.3f} h {delay:>6} {nearest:>14}")
-        missed = [f"{f.service} {f.kind}" for f in r.faults
-                  if f.scorable_windows and not f.detected]
+        missed = [f"{f.service} {f.kind}" for f in r.faults_with_data if not f.detected]
         if missed:
             lines.append(f"        missed: {', '.join(missed)}")
     delays = [r.median_delay_s for r in results if r.median_delay_s is not None]
