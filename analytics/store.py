@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import orjson
 from cassandra.cluster import (
     EXEC_PROFILE_DEFAULT,
     Cluster,
@@ -54,6 +55,11 @@ def _cql_type(column: str) -> str:
         return "int"
     if column == "latency_sketch":
         return "blob"
+    if column == "call_patterns":
+        # A JSON object as text, written as one value: a map column's overwrite leaves a
+        # tombstone per row for reads of a day's partition to wade through, and 2.1 cannot
+        # freeze a map.
+        return "text"
     return "double"
 
 
@@ -143,7 +149,19 @@ class Store:
                 statement.format(keyspace=self.keyspace, replication_factor=replication_factor),
                 timeout=60,
             )
+        self._add_missing_columns()
         self.session.set_keyspace(self.keyspace)
+
+    def _add_missing_columns(self) -> None:
+        """Add the service_metrics columns a table made by an older Clover lacks (CREATE TABLE
+        IF NOT EXISTS leaves an existing table as it is)."""
+        self.cluster.refresh_table_metadata(self.keyspace, "service_metrics")
+        table = self.cluster.metadata.keyspaces[self.keyspace].tables["service_metrics"]
+        for column in _METRIC_COLUMNS:
+            if column not in table.columns:
+                log.info("adding column %s to %s.service_metrics", column, self.keyspace)
+                self.session.execute(f"ALTER TABLE {self.keyspace}.service_metrics ADD "
+                                     f"{column} {_cql_type(column)}", timeout=60)
 
     def write_service_metrics(self, records: Iterable[ServiceMetrics]) -> int:
         """Write whole window aggregates (upserts); returns how many rows were written."""
@@ -276,6 +294,8 @@ def _row_of(record: ServiceMetrics) -> tuple[object, ...]:
         value = getattr(record, column)
         if column == "latency_sketch" and value is not None:
             value = base64.b64decode(value)
+        elif column == "call_patterns" and value is not None:
+            value = orjson.dumps(value).decode()
         values.append(value)
     return (record.namespace, record.service, start.date().isoformat(), start,
             record.revision, peer, *values)
@@ -288,6 +308,8 @@ def _record_of(row: object) -> ServiceMetrics:
     values = {c: getattr(row, c) for c in _METRIC_COLUMNS}
     if values["latency_sketch"] is not None:
         values["latency_sketch"] = base64.b64encode(values["latency_sketch"]).decode()
+    if values["call_patterns"] is not None:
+        values["call_patterns"] = orjson.loads(values["call_patterns"])
     return ServiceMetrics(
         namespace=row.namespace, service=row.service,  # type: ignore[attr-defined]
         revision=row.revision,  # type: ignore[attr-defined]

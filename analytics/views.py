@@ -2,12 +2,14 @@
 
 ``load_service_metrics`` and ``load_edges`` read the rows of the given services in [start, end)
 and, when ``resolution`` is coarser than the stored window, merge windows: counts and bytes
-add up, the maximum is the maximum, and the percentiles come from the merged DDSketches, so a
-minute's p99 is the p99 of the minute's requests, not an average of window p99s.
+(and requests per call pattern) add up, the maximum is the maximum, and the percentiles come
+from the merged DDSketches, so a minute's p99 is the p99 of the minute's requests, not an
+average of window p99s.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
@@ -21,7 +23,7 @@ _KEYS = ["namespace", "service", "revision", "peer_namespace", "peer_service"]
 _SUMS = ["requests", "errors", "bytes_in", "bytes_out", "flows", "connections_opened",
          "connections_closed", "connections_reset"]
 COLUMNS = ["window_start", *_KEYS, "window_seconds", *_SUMS, "error_rate", "latency_p50_ms",
-           "latency_p90_ms", "latency_p99_ms", "latency_max_ms", "latency_sketch"]
+           "latency_p90_ms", "latency_p99_ms", "latency_max_ms", "latency_sketch", "call_patterns"]
 
 Service = str | tuple[str, str]
 """A service as ``"namespace/service"`` or ``(namespace, service)``."""
@@ -74,8 +76,18 @@ def merge_windows(frame: pd.DataFrame, resolution: str | None) -> pd.DataFrame:
             row[column] = sketch_quantile(sketch, q)
         row["latency_max_ms"] = group["latency_max_ms"].max()
         row["latency_sketch"] = encode_sketch(sketch) if sketch is not None else None
+        row["call_patterns"] = _add_patterns(group["call_patterns"])
         merged.append(row)
     return pd.DataFrame(merged, columns=COLUMNS)
+
+
+def _add_patterns(windows: Iterable[dict[str, int] | None]) -> dict[str, int] | None:
+    """Requests per call pattern over several windows (None when none has patterns)."""
+    total: Counter[str] | None = None
+    for patterns in windows:
+        if isinstance(patterns, dict):  # not None or NaN
+            total = (total or Counter()) + Counter(patterns)
+    return None if total is None else dict(total)
 
 
 def _load(store: Store, services: Iterable[Service], start: datetime | str,

@@ -25,6 +25,12 @@ What is counted where, so every number has one definition:
   connection that spans windows appears in closed/reset when it ends.
 * Bytes come from flows; a window with no flow records for its service falls back to the bytes
   its spans report.
+* A request's **call pattern** is the set of operations of its direct child spans (the calls
+  it made, its internal steps), counted per service row and window (``call_patterns``), for
+  models/structure.py. A request's children are its own service's spans, so they are on its
+  partition; they are found among the spans that ended from one window before the request's
+  window on (``PATTERN_LOOKBACK_WINDOWS``) up to its window's close, late ones included. A
+  request whose calls began more than that before it ended has them missed.
 """
 
 from __future__ import annotations
@@ -58,10 +64,30 @@ _INDEX_MAPPING = KeyMappingProto.to_proto(_MAPPING)
 # (namespace, service, revision, peer_namespace, peer_service); peer_service None for a service.
 RowKey = tuple[str, str, str, str | None, str | None]
 
+# Call patterns: children are looked for in the request's window and this many before it; a
+# row keeps its most common patterns, the rest of its requests counted under OTHER_PATTERNS
+# (a service whose operation names carry ids would otherwise write a pattern per request).
+PATTERN_LOOKBACK_WINDOWS = 1
+MAX_PATTERNS = 50
+OTHER_PATTERNS = "*"
+# A span's ids and operation are followed as their str hashes (int64 columns): only compared
+# within this process, whose windows a restart rebuilds from Kafka. A parent id whose hash
+# equals None's (a chance of 2^-64) reads as no parent.
+_NO_PARENT = hash(None)
+
 
 class SpanLike(Protocol):
     """What aggregation reads of a span: a SpanRecord, or any decoded form with these fields
     (read-only here, so a narrower type such as SpanRecord's kind literal fits)."""
+
+    @property
+    def span_id(self) -> str: ...
+
+    @property
+    def parent_span_id(self) -> str | None: ...
+
+    @property
+    def operation(self) -> str: ...
 
     @property
     def service(self) -> str: ...
@@ -116,6 +142,8 @@ class _Row:
     connections_reset: int = 0
     # Connections already counted in this window, so the second side's record is not.
     connections_seen: set[tuple[object, ...]] = field(default_factory=set)
+    # Span id hashes of a service row's requests, for their call patterns.
+    request_ids: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -126,6 +154,8 @@ class Window:
     start_us: int
     rows: dict[RowKey, _Row] = field(default_factory=dict)
     first_positions: dict[object, int] = field(default_factory=dict)
+    # Set when the window closes: each service row's requests per call pattern.
+    call_patterns: dict[RowKey, dict[str, int]] = field(default_factory=dict)
 
     def row(self, key: RowKey) -> _Row:
         row = self.rows.get(key)
@@ -134,8 +164,26 @@ class Window:
         return row
 
     def note_position(self, source: object, position: int | None) -> None:
-        if position is not None and position < self.first_positions.get(source, position + 1):
-            self.first_positions[source] = position
+        _note_position(self.first_positions, source, position)
+
+
+@dataclass
+class _Children:
+    """The spans with a parent that ended in one window, as (parent id, operation) hashes: the
+    calls their parents made. Kept until the requests that may be their parents are counted,
+    with the lowest input position they came from, so a stream does not commit past them."""
+
+    parent_ids: list[np.ndarray] = field(default_factory=list)
+    operations: list[np.ndarray] = field(default_factory=list)
+    arrived_at: list[np.ndarray] = field(default_factory=list)  # event time when each came
+    names: dict[int, str] = field(default_factory=dict)  # operation hash -> name
+    first_positions: dict[object, int] = field(default_factory=dict)
+
+
+def _note_position(first_positions: dict[object, int], source: object,
+                   position: int | None) -> None:
+    if position is not None and position < first_positions.get(source, position + 1):
+        first_positions[source] = position
 
 
 def _span_row(kind: str, namespace: str | None, service: str, revision: str | None,
@@ -167,6 +215,12 @@ class SpanColumns:
     bytes_sent: np.ndarray  # int64, 0 where unknown
     bytes_received: np.ndarray  # int64, 0 where unknown
     keys: list[SpanKey]
+    # For call patterns: hashes of the span's id, its parent's (_NO_PARENT for none) and its
+    # operation, and the operations' names by hash.
+    span_id: np.ndarray  # int64
+    parent_id: np.ndarray  # int64
+    operation: np.ndarray  # int64
+    operation_names: dict[int, str]
 
     @classmethod
     def of(cls, spans: Sequence[SpanLike]) -> SpanColumns:
@@ -174,12 +228,22 @@ class SpanColumns:
         def column(name: str) -> list[Any]:
             return list(map(operator.attrgetter(name), spans))
 
+        def hashes(values: list[Any]) -> np.ndarray:
+            return np.fromiter(map(hash, values), np.int64, len(values))
+
         duration = _int_column(column("duration_us"))
+        operations = column("operation")
+        # The distinct names first: a set hashes each once, and those hashes are kept in the
+        # strings, so the column's hashes after it cost less.
+        names = {hash(name): name for name in set(operations)}
         return cls(end_us=_int_column(column("start_us")) + duration, duration_us=duration,
                    error=np.array(column("error"), dtype=bool),
                    bytes_sent=_int_column(column("bytes_sent")),
                    bytes_received=_int_column(column("bytes_received")),
-                   keys=list(map(_read_key, spans)))
+                   keys=list(map(_read_key, spans)),
+                   span_id=hashes(column("span_id")),
+                   parent_id=hashes(column("parent_span_id")), operation=hashes(operations),
+                   operation_names=names)
 
     @classmethod
     def join(cls, parts: Sequence[SpanColumns]) -> SpanColumns:
@@ -188,17 +252,23 @@ class SpanColumns:
         def joined(name: str) -> np.ndarray:
             return np.concatenate([getattr(part, name) for part in parts])
 
+        names: dict[int, str] = {}
+        for part in parts:
+            names.update(part.operation_names)
         return cls(joined("end_us"), joined("duration_us"), joined("error"),
                    joined("bytes_sent"), joined("bytes_received"),
-                   [key for part in parts for key in part.keys])
+                   [key for part in parts for key in part.keys], joined("span_id"),
+                   joined("parent_id"), joined("operation"), names)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitem__(self, where: slice) -> SpanColumns:
+        # A slice keeps all the names: a superset does no harm.
         return SpanColumns(self.end_us[where], self.duration_us[where], self.error[where],
                            self.bytes_sent[where], self.bytes_received[where],
-                           self.keys[where])
+                           self.keys[where], self.span_id[where], self.parent_id[where],
+                           self.operation[where], self.operation_names)
 
 
 def _int_column(values: list[int | None]) -> np.ndarray:
@@ -234,6 +304,8 @@ class WindowAggregator:
         self.closed_before_us = closed_before_us
         self.event_time_us = 0
         self.windows: dict[int, Window] = {}
+        # Spans with a parent by the window they ended in, for call patterns (_add_children).
+        self.children: dict[int, _Children] = {}
 
     # -- input ----------------------------------------------------------------------------
 
@@ -249,6 +321,8 @@ class WindowAggregator:
         window had closed, for the caller to dead-letter)."""
         columns = spans if isinstance(spans, SpanColumns) else SpanColumns.of(spans)
         count = len(columns)
+        if positions is not None:
+            positions = np.asarray(positions, np.int64)
         if not count:
             return np.zeros(0, dtype=bool)
         end = columns.end_us
@@ -257,12 +331,13 @@ class WindowAggregator:
         before = np.maximum.accumulate(np.concatenate(([self.event_time_us], end[:-1])))
         accepted = ((starts >= self.closed_before_us)
                     & (starts + self.window_us + self.allowed_lateness_us > before))
+        self._add_children(columns, starts, before, source, positions)
         if not accepted.any():
             return accepted
         self.event_time_us = max(self.event_time_us, int(end[accepted].max()))
         taken = np.flatnonzero(accepted)
         window_of = starts[taken]
-        where = None if positions is None else np.asarray(positions, np.int64)[taken]
+        where = None if positions is None else positions[taken]
         for start in np.unique(window_of).tolist():
             window = self.windows.get(start)
             if window is None:
@@ -297,6 +372,7 @@ class WindowAggregator:
         requests = np.bincount(group, minlength=groups.size)
         bounds = np.concatenate(([0], np.cumsum(requests)[:-1]))
         latency = columns.duration_us[picked][order] / 1000.0
+        ids_by_group = np.split(columns.span_id[picked][order], bounds[1:])
         error_sum = np.add.reduceat(columns.error[picked][order].astype(np.int64), bounds)
         in_sum = np.add.reduceat(columns.bytes_received[picked][order], bounds)
         out_sum = np.add.reduceat(columns.bytes_sent[picked][order], bounds)
@@ -304,8 +380,11 @@ class WindowAggregator:
         by_group = np.split(latency, bounds[1:])
         for number, code in enumerate(groups.tolist()):
             window_number, row_code = divmod(code, len(row_keys))
-            row = self.windows[first + window_number * self.window_us].row(row_keys[row_code])
+            row_key = row_keys[row_code]
+            row = self.windows[first + window_number * self.window_us].row(row_key)
             row.requests += int(requests[number])
+            if row_key[4] is None:  # a service's requests (not an edge's calls)
+                row.request_ids.append(ids_by_group[number])
             row.errors += int(error_sum[number])
             # A server receives the request and sends the response; a caller the other way.
             row.span_bytes_in += int(in_sum[number])
@@ -314,6 +393,32 @@ class WindowAggregator:
             if row.latency_max_ms is None or top[number] > row.latency_max_ms:
                 row.latency_max_ms = float(top[number])
         return accepted
+
+    def _add_children(self, columns: SpanColumns, starts: np.ndarray, before: np.ndarray,
+                      source: object, positions: np.ndarray | None) -> None:
+        """Keep the batch's spans that have a parent, by the window they ended in, with the
+        event time they arrived at (``before``). Late ones are kept too: a replay after a
+        restart reads those again as well, so patterns come out the same as without it."""
+        keep = (columns.parent_id != _NO_PARENT) & (starts >= self._children_from_us())
+        if not keep.any():
+            return
+        where = np.flatnonzero(keep)
+        window_of = starts[where]
+        for start in np.unique(window_of).tolist():
+            mine = where[window_of == start]
+            bucket = self.children.get(start)
+            if bucket is None:
+                bucket = self.children[start] = _Children()
+            bucket.parent_ids.append(columns.parent_id[mine])
+            bucket.operations.append(columns.operation[mine])
+            bucket.arrived_at.append(before[mine])
+            bucket.names.update(columns.operation_names)
+            if positions is not None:
+                _note_position(bucket.first_positions, source, int(positions[mine].min()))
+
+    def _children_from_us(self) -> int:
+        """The earliest window whose children are still needed (by a window not yet closed)."""
+        return self.closed_before_us - PATTERN_LOOKBACK_WINDOWS * self.window_us
 
     def add_flow(self, flow: FlowRecord, source: object = None,
                  position: int | None = None) -> bool:
@@ -371,32 +476,102 @@ class WindowAggregator:
 
     def close_due(self) -> list[Window]:
         """Remove and return the windows event time has passed, oldest first."""
-        due = sorted(start for start in self.windows if self._closed(start))
-        closed = [self.windows.pop(start) for start in due]
-        if closed:
-            self.closed_before_us = max(self.closed_before_us, due[-1] + self.window_us)
-        return closed
+        return self._close(sorted(start for start in self.windows if self._closed(start)))
 
     def close_all(self) -> list[Window]:
         """Remove and return every open window (the end of a finite input)."""
-        closed = [self.windows.pop(start) for start in sorted(self.windows)]
+        return self._close(sorted(self.windows))
+
+    def _close(self, starts: list[int]) -> list[Window]:
+        closed = [self.windows.pop(start) for start in starts]
+        for window in closed:
+            window.call_patterns = self._call_patterns(window)
         if closed:
             self.closed_before_us = max(self.closed_before_us,
                                         closed[-1].start_us + self.window_us)
+            needed_from = self._children_from_us()
+            for start in [start for start in self.children if start < needed_from]:
+                del self.children[start]
         return closed
 
     def first_open_position(self, source: object) -> int | None:
-        """The lowest position of ``source`` still held in an open window, if any."""
-        positions = [w.first_positions[source] for w in self.windows.values()
-                     if source in w.first_positions]
+        """The lowest position of ``source`` still held in an open window, or among the
+        children kept for the call patterns of windows not yet closed, if any."""
+        held = [window.first_positions for window in self.windows.values()]
+        held += [bucket.first_positions for bucket in self.children.values()]
+        positions = [first[source] for first in held if source in first]
         return min(positions) if positions else None
+
+    def _call_patterns(self, window: Window) -> dict[RowKey, dict[str, int]]:
+        """Each service row's requests per call pattern, from the children kept for them.
+
+        A child counts if it came before event time had closed the window, as a request
+        would have to: so what is counted does not depend on when the caller closes windows
+        (or how a stream's batches fell).
+
+        On arrays: each kept child is matched to a request of the window by its parent id;
+        a request's pattern is identified by the sum of its distinct operations' hashes (a
+        set's hash), requests are counted per (row, pattern), and only each pattern's name is
+        spelled out, from one of its requests."""
+        rows = [(key, np.concatenate(row.request_ids))
+                for key, row in window.rows.items() if row.request_ids]
+        if not rows:
+            return {}
+        ids = np.concatenate([row_ids for _, row_ids in rows])
+        row_of = np.repeat(np.arange(len(rows)), [row_ids.size for _, row_ids in rows])
+        needed_from = window.start_us - PATTERN_LOOKBACK_WINDOWS * self.window_us
+        buckets = [bucket for start, bucket in self.children.items() if start >= needed_from]
+        names: dict[int, str] = {}
+        parents, operations, arrivals = ([np.zeros(0, np.int64)] for _ in range(3))
+        for bucket in buckets:
+            names.update(bucket.names)
+            parents += bucket.parent_ids
+            operations += bucket.operations
+            arrivals += bucket.arrived_at
+        in_time = (np.concatenate(arrivals)
+                   < window.start_us + self.window_us + self.allowed_lateness_us)
+        parent, operation = np.concatenate(parents)[in_time], np.concatenate(operations)[in_time]
+        # Each child's request: its parent id among the window's requests' ids.
+        by_id = np.argsort(ids, kind="stable")
+        sorted_ids = ids[by_id]
+        at = np.minimum(np.searchsorted(sorted_ids, parent), ids.size - 1)
+        found = sorted_ids[at] == parent
+        request, operation = by_id[at[found]], operation[found]
+        # A pattern is a set: each (request, operation) once, in request order.
+        order = np.lexsort((operation, request))
+        request, operation = request[order], operation[order]
+        distinct = np.ones(request.size, dtype=bool)
+        distinct[1:] = (request[1:] != request[:-1]) | (operation[1:] != operation[:-1])
+        request, operation = request[distinct], operation[distinct]
+        pattern = np.zeros(ids.size, np.int64)  # 0: no children
+        np.add.at(pattern, request, operation)  # int64 wraps around: a hash, not a number
+        # Requests per (row, pattern), with one request of each to name the pattern by.
+        order = np.lexsort((pattern, row_of))
+        group_row, group_pattern = row_of[order], pattern[order]
+        first = np.flatnonzero(np.concatenate(
+            ([True], (group_row[1:] != group_row[:-1])
+             | (group_pattern[1:] != group_pattern[:-1]))))
+        counts = np.diff(np.append(first, ids.size))
+        example = order[first]
+        low = np.searchsorted(request, example, side="left")
+        high = np.searchsorted(request, example, side="right")
+        patterns: dict[RowKey, dict[str, int]] = {}
+        for row, count, a, b in zip(group_row[first].tolist(), counts.tolist(), low.tolist(),
+                                    high.tolist(), strict=True):
+            name = "+".join(sorted(names[code] for code in operation[a:b].tolist()))
+            of_row = patterns.setdefault(rows[row][0], {})
+            # Names can coincide where operation names hold "+": their requests add up.
+            of_row[name] = of_row.get(name, 0) + count
+        return {key: _most_common(of_row) for key, of_row in patterns.items()}
 
     def metrics(self, window: Window) -> list[ServiceMetrics]:
         """The window's rows as records, in a stable order."""
-        return [self._record(window.start_us, key, window.rows[key])
+        return [self._record(window.start_us, key, window.rows[key],
+                             window.call_patterns.get(key))
                 for key in sorted(window.rows, key=_sort_key)]
 
-    def _record(self, start_us: int, key: RowKey, row: _Row) -> ServiceMetrics:
+    def _record(self, start_us: int, key: RowKey, row: _Row,
+                call_patterns: dict[str, int] | None) -> ServiceMetrics:
         namespace, service, revision, peer_namespace, peer_service = key
         bins = LatencyBins.of(np.concatenate(row.latencies)) if row.latencies else None
         p50, p90, p99 = bins.quantiles((0.5, 0.9, 0.99)) if bins else (None, None, None)
@@ -414,6 +589,7 @@ class WindowAggregator:
             bytes_out=row.bytes_out if has_flows else row.span_bytes_out,
             flows=row.flows, connections_opened=row.connections_opened,
             connections_closed=row.connections_closed, connections_reset=row.connections_reset,
+            call_patterns=call_patterns,
         )
 
 
@@ -520,6 +696,18 @@ def sketch_quantile(sketch: DDSketch | None, q: float) -> float | None:
         return None
     value = sketch.get_quantile_value(q)
     return None if value is None else max(0.0, float(value))
+
+
+def _most_common(patterns: dict[str, int]) -> dict[str, int]:
+    """At most MAX_PATTERNS patterns: the most common (ties by name), and the requests of the
+    rest under OTHER_PATTERNS."""
+    if len(patterns) <= MAX_PATTERNS:
+        return patterns
+    ranked = sorted(patterns.items(), key=lambda item: (-item[1], item[0]))
+    kept = dict(ranked[:MAX_PATTERNS - 1])
+    rest = sum(count for _, count in ranked[MAX_PATTERNS - 1:])
+    kept[OTHER_PATTERNS] = kept.get(OTHER_PATTERNS, 0) + rest
+    return kept
 
 
 def _sort_key(key: RowKey) -> tuple[str, ...]:

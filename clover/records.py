@@ -176,6 +176,8 @@ class ServiceMetrics:
     latency_p99_ms: float | None = None
     latency_max_ms: float | None = None
     latency_sketch: str | None = None
+    # Requests per call pattern (analytics/windows.py; models/structure.py judges them).
+    call_patterns: dict[str, int] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def key(self) -> bytes:

@@ -126,6 +126,8 @@ def sample_service_metrics() -> ServiceMetrics:
         latency_p99_ms=61.25,
         latency_max_ms=143.0,
         latency_sketch=base64.b64encode(b"\x0a\x04\x08\x01\x10\x02").decode(),
+        call_patterns={"hipstershop.CartService/GetCart+redis.get": 1400, "redis.get": 119,
+                       "": 1},
         bytes_in=2_801_664,
         bytes_out=31_033_840,
         flows=311,

@@ -156,9 +156,16 @@ def make_spans(namespace: str, count: int, services: int = 6, seed: int = 1) -> 
     for i in range(count):
         end_us = base_us + i * 4_000 + rng.randint(0, 300_000)
         duration = rng.randint(500, 80_000)
+        # Client spans are calls of an earlier server span of their service (which ends
+        # before or after them, in the same window or another), so requests have call
+        # patterns.
+        parent = i - services if i % 5 == 0 and i >= services else None
         spans.append(SpanRecord(
-            trace_id=f"{i + 1:032x}", span_id=f"{i + 1:016x}", service=f"svc{i % services}",
-            operation="GET /", kind="server" if i % 5 else "client",
+            trace_id=f"{(i if parent is None else parent) + 1:032x}", span_id=f"{i + 1:016x}",
+            parent_span_id=None if parent is None else f"{parent + 1:016x}",
+            service=f"svc{i % services}",
+            operation=f"call svc{(i + 1) % services}" if i % 5 == 0 else "GET /",
+            kind="server" if i % 5 else "client",
             start_us=end_us - duration, duration_us=duration, error=rng.random() < 0.05,
             source="otlp", namespace=namespace, revision=f"rev{i % 2}",
             peer_namespace=namespace if i % 5 == 0 else None,

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from analytics.store import SCHEMA as STORE_SCHEMA
 from analytics.store import Store, connect
 from clover.config import Settings
 from tests import samples
@@ -46,6 +47,47 @@ def test_service_metrics_round_trip_and_rewrite_is_harmless(store: Store) -> Non
     replayed = dataclasses.replace(base, requests=base.requests)
     store.write_service_metrics([replayed, replayed])
     assert len(store.read_service_metrics(base.namespace, service, *window)) == 3
+
+
+def test_a_table_made_before_a_column_was_added_gets_it(store: Store,
+                                                        settings: Settings) -> None:
+    """An install whose service_metrics table predates call_patterns: create_schema adds the
+    column, and the rows written before read back with none."""
+    keyspace = f"clover_old_{uuid.uuid4().hex[:8]}"
+    old = dataclasses.replace(settings, cassandra=dataclasses.replace(
+        settings.cassandra, keyspace=keyspace))
+    session = store.session
+    try:
+        session.execute(STORE_SCHEMA[0].format(keyspace=keyspace, replication_factor=1))
+        table = STORE_SCHEMA[1].format(keyspace=keyspace)
+        assert ", call_patterns text" in table
+        session.execute(table.replace(", call_patterns text", ""), timeout=60)
+        before = dataclasses.replace(samples.sample_service_metrics(), call_patterns=None)
+        with connect(old) as older:
+            older.session.set_keyspace(keyspace)
+            older.session.execute(  # a row as the older Clover wrote it
+                f"INSERT INTO {keyspace}.service_metrics (namespace, service, day, "
+                "window_start, revision, peer, requests) VALUES ('shop', 'cart', "
+                "'1970-01-01', 0, 'r1', '', 5)")
+            older.create_schema(1)
+            older.cluster.refresh_table_metadata(keyspace, "service_metrics")
+            columns = older.cluster.metadata.keyspaces[keyspace].tables["service_metrics"].columns
+            assert columns["call_patterns"].cql_type == "text"
+            rows = older.read_service_metrics("shop", "cart", 0, 86_400_000_000)
+            assert [(r.requests, r.call_patterns) for r in rows] == [(5, None)]
+            now = samples.sample_service_metrics()
+            later = now.window_start_us + 10_000_000
+            older.write_service_metrics([now])
+            older.write_service_metrics([before])
+            got = older.read_service_metrics(now.namespace, now.service, now.window_start_us,
+                                             later)
+            assert [r.call_patterns for r in got] == [None]  # `before` replaced `now`
+            older.write_service_metrics([now])
+            got = older.read_service_metrics(now.namespace, now.service, now.window_start_us,
+                                             later)
+            assert got == [now] and now.call_patterns and "" in now.call_patterns
+    finally:
+        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
 
 
 def test_unreachable_cassandra_is_a_clear_error(settings: Settings) -> None:

@@ -25,12 +25,15 @@ BASE_US = 1_700_000_000_000_000  # a window boundary for every window length use
 
 def span(i: int, end_us: int, duration_us: int = 10_000, *, service: str = "cart",
          kind: SpanKind = "server", error: bool = False, revision: str = "r1",
-         peer: str | None = None) -> SpanRecord:
+         peer: str | None = None, parent: int | None = None,
+         operation: str = "GET /") -> SpanRecord:
+    """Span ``i`` (a child of span ``parent`` when given)."""
     return SpanRecord(trace_id=f"{i:032x}", span_id=f"{i + 1:016x}", service=service,
-                      operation="GET /", kind=kind, start_us=end_us - duration_us,
+                      operation=operation, kind=kind, start_us=end_us - duration_us,
                       duration_us=duration_us, error=error, source="otlp", namespace="shop",
                       revision=revision, peer_service=peer, peer_namespace="shop" if peer else None,
-                      bytes_sent=100, bytes_received=40)
+                      bytes_sent=100, bytes_received=40,
+                      parent_span_id=None if parent is None else f"{parent + 1:016x}")
 
 
 def flow(end_us: int, *, state: FlowState = "closed", observed_at: ObservedAt = "src",
@@ -135,10 +138,14 @@ def test_a_batch_gives_what_its_spans_give_one_at_a_time_lateness_included() -> 
     for i in range(3000):
         # Mostly in order, some spans late by up to 12 s against windows of 2 s + 1 s lateness.
         end = BASE_US + i * 5_000 - (rng.randint(0, 12_000_000) if rng.random() < 0.05 else 0)
+        # Some are calls of an earlier span of their service (many of those are requests).
+        parent = i + 1 - 3 * rng.randint(1, 100) if rng.random() < 0.5 else None
         spans.append(span(i + 1, end, rng.randint(0, 90_000), service=f"s{i % 3}",
                           kind=rng.choice(["server", "client", "internal"]),
                           peer="cart" if rng.random() < 0.7 else None,
-                          error=rng.random() < 0.1, revision=f"r{i % 2}"))
+                          error=rng.random() < 0.1, revision=f"r{i % 2}",
+                          parent=parent if parent and parent > 0 else None,
+                          operation=rng.choice(["GET /", "db", "cache"])))
 
     def run(batches: list[list[SpanRecord]]) -> tuple[list[bool], list[ServiceMetrics], int]:
         aggregator = WindowAggregator(window_seconds=2, allowed_lateness_seconds=1)
@@ -161,6 +168,67 @@ def test_a_batch_gives_what_its_spans_give_one_at_a_time_lateness_included() -> 
     assert in_batches == one_by_one
     refused = one_by_one[0].count(False)
     assert 0 < refused < 150  # the test's late spans were judged, and most were in time
+    patterns = {name for row in one_by_one[1] for name in row.call_patterns or {}}
+    assert {"", "db", "cache+db", "GET /+cache+db"} <= patterns, patterns
+
+
+def test_call_patterns_are_the_sets_of_operations_each_request_called() -> None:
+    """Children are found in the request's window and the one before, however late they
+    come while its window is open, and an edge row has no patterns."""
+    w = 10_000_000
+    spans = [
+        span(1, BASE_US + 4_000_000, operation="db", parent=3, kind="client", peer="db"),
+        span(2, BASE_US + 4_500_000, operation="db", parent=3, kind="internal"),
+        span(3, BASE_US + 5_000_000, duration_us=2_000_000),  # db (twice: once in the set)
+        span(4, BASE_US + 6_000_000),  # no calls
+        span(5, BASE_US + 8_000_000, operation="db", parent=7, kind="internal"),
+        span(6, BASE_US + w + 6_000_000, operation="log", parent=7, kind="internal"),
+        span(7, BASE_US + w + 5_000_000, duration_us=9_000_000),  # db in the window before
+        span(8, BASE_US + 2_000_000, operation="db", parent=9, kind="internal"),
+        span(9, BASE_US + 2 * w + 1_000_000, duration_us=20_000_000),  # db is too far back
+    ]
+    want = {(BASE_US, None): {"db": 1, "": 1}, (BASE_US, "db"): None,
+            (BASE_US + w, None): {"db+log": 1}, (BASE_US + 2 * w, None): {"": 1}}
+
+    def patterns(rows: list[ServiceMetrics]) -> dict[tuple[int, str | None], object]:
+        return {(r.window_start_us, r.peer_service): r.call_patterns for r in rows}
+
+    assert patterns(aggregate(spans)) == want
+    # As a stream, in arrival order, with the call of span 7 ending in the window before
+    # arriving after that window closed: it is refused (late) but still one of 7's calls.
+    aggregator = WindowAggregator(window_seconds=10, allowed_lateness_seconds=2)
+    rows: list[ServiceMetrics] = []
+    arrivals = [spans[i - 1] for i in (1, 2, 3, 4, 8, 7, 6, 9, 5)]
+    accepted = []
+    for position, record in enumerate(arrivals):
+        accepted.append(aggregator.add_span(record, "spans", position))
+        rows += [r for window in aggregator.close_due() for r in aggregator.metrics(window)]
+        if record.span_id == spans[8].span_id:
+            # Window 0 is written, but its calls (from position 0) are kept for window 1's
+            # requests: a stream may not commit past them yet.
+            assert aggregator.closed_before_us == BASE_US + w
+            assert aggregator.first_open_position("spans") == 0
+    assert accepted == [True] * 8 + [False]  # span 5 came late
+    rows += [r for window in aggregator.close_all() for r in aggregator.metrics(window)]
+    assert patterns(rows) == want
+
+
+def test_a_row_keeps_its_most_common_patterns_and_counts_the_rest_together() -> None:
+    from analytics.windows import MAX_PATTERNS, OTHER_PATTERNS
+
+    spans = []
+    for i in range(MAX_PATTERNS + 10):  # one request per operation, two of op0 and op1
+        for copy in range(2 if i < 2 else 1):
+            request = 1000 * i + 10 * copy
+            spans += [span(request, BASE_US + 5_000_000),
+                      span(request + 1, BASE_US + 4_000_000, operation=f"op{i:02d}",
+                           parent=request, kind="internal")]
+    [row] = aggregate(spans)
+    assert row.call_patterns is not None and len(row.call_patterns) == MAX_PATTERNS
+    assert row.call_patterns["op00"] == row.call_patterns["op01"] == 2
+    assert row.call_patterns[OTHER_PATTERNS] == 11  # op49 .. op59, ranked last by name
+    assert sum(row.call_patterns.values()) == row.requests
+    validate(ServiceMetrics, to_dict(row))
 
 
 def test_latency_bins_are_the_ddsketch_of_the_same_values() -> None:
