@@ -30,9 +30,9 @@ windows' own p-values (before it).
 
 **Call patterns**: the same windows are also judged with :class:`models.structure.
 CallPatternScorer`'s verdicts added (a window is anomalous when either says so), in
-``with_patterns``: faults in a service's code that change only which calls its requests make
-(an early return, an exception) show only in the spans' structure, which the stream's window
-rows do not carry; this measures what the stream would gain if the aggregation counted them.
+``with_patterns``, as the scoring agent judges them: faults in a service's code that change
+only which calls its requests make (an early return, an exception) show only in the windows'
+call patterns (``ServiceMetrics.call_patterns``).
 
 The recording is a set of minute files with gaps between them, so the first and last window of
 each stretch of data hold only part of their ten seconds; they are not scored (a live stream
@@ -75,7 +75,7 @@ from models.nab import (
     score_series,
 )
 from models.online import OnlineScorer
-from models.structure import CallPatternScorer, PatternWindow, call_patterns, judge_all
+from models.structure import CallPatternScorer, PatternWindow, flag_rare_patterns, judge_all
 
 if TYPE_CHECKING:
     from collectors.ingest import BatchResult, Candidate
@@ -187,9 +187,8 @@ class NezhaResult:
     shift_s: int = 0
     # The same day with the windows shifted (see the module's docstring): (seconds, result).
     shifted: list[NezhaResult] = field(default_factory=list)
-    # The same windows with the call-pattern scorer's verdicts added (models.structure; it
-    # needs the spans, which the stream's rows do not carry): a window is anomalous when
-    # either says so.
+    # The same windows with the call-pattern scorer's verdicts added (models.structure): a
+    # window is anomalous when either says so.
     with_patterns: NezhaResult | None = None
 
     @property
@@ -321,32 +320,28 @@ def shift_spans(spans: Sequence[SpanRecord], seconds: int) -> list[SpanRecord]:
 
 def evaluate_nezha(directory: Path, scorer: OnlineScorer, window_seconds: int = 10, *,
                    metrics: Sequence[ServiceMetrics] | None = None,
-                   patterns: Sequence[PatternWindow] | None = None,
                    shift_s: int = 0, shifts: Sequence[int] = SHIFTS) -> NezhaResult:
     """Score the day's windows (``metrics``, else :func:`nezha_metrics` of ``directory``) in
     their order and count each fault and each false alarm (see the module's docstring);
-    ``shift_s``: the seconds ``metrics`` were shifted by (the faults are moved as much). With
-    ``patterns`` (the same spans' call patterns), also the result with the call-pattern
-    scorer's verdicts added, in ``with_patterns``.
+    ``shift_s``: the seconds ``metrics`` were shifted by (the faults are moved as much). When
+    the windows have call patterns, also the result with the call-pattern scorer's verdicts
+    added, in ``with_patterns``.
 
-    Without ``metrics``, the day is read from ``directory`` (with its call patterns) and also
-    scored with its spans and faults shifted by each of the other ``shifts``, by fresh copies
-    of ``scorer`` (given unused); those results are in ``shifted``."""
+    Without ``metrics``, the day is read from ``directory`` and also scored with its spans and
+    faults shifted by each of the other ``shifts``, by fresh copies of ``scorer`` (given
+    unused); those results are in ``shifted``."""
     if metrics is None:
         fresh = copy.deepcopy(scorer)
         spans = nezha_spans(directory)
         result = evaluate_nezha(directory, scorer, window_seconds,
-                                metrics=whole_windows(spans, window_seconds),
-                                patterns=call_patterns(spans, window_seconds))
+                                metrics=whole_windows(spans, window_seconds))
         for seconds in shifts:
             if seconds:
-                moved = shift_spans(spans, seconds)
                 result.shifted.append(evaluate_nezha(
                     directory, copy.deepcopy(fresh), window_seconds, shift_s=seconds,
-                    metrics=whole_windows(moved, window_seconds),
-                    patterns=call_patterns(moved, window_seconds)))
+                    metrics=whole_windows(shift_spans(spans, seconds), window_seconds)))
         return result
-    anomalies, p_values = [], []
+    anomalies, p_values, patterns = [], [], []
     for m in metrics:
         if m.peer_service is not None:
             scorer.learn_edge(m)
@@ -354,8 +349,11 @@ def evaluate_nezha(directory: Path, scorer: OnlineScorer, window_seconds: int = 
             anomaly, p = scorer.judge(m, now_us=m.window_start_us + window_seconds * 1_000_000)
             anomalies.append(anomaly)
             p_values.append(p)
+            window = PatternWindow.of(m)
+            if window is not None:
+                patterns.append(window)
     result = _tally(directory, anomalies, p_values, window_seconds, shift_s)
-    if patterns is not None:
+    if patterns:
         result.with_patterns = _tally(
             directory, _with_patterns(anomalies, patterns, CallPatternScorer(
                 threshold=scorer.threshold, relearn_after=scorer.relearn_after)),
@@ -366,19 +364,11 @@ def evaluate_nezha(directory: Path, scorer: OnlineScorer, window_seconds: int = 
 def _with_patterns(anomalies: Sequence[Anomaly], patterns: Sequence[PatternWindow],
                    scorer: CallPatternScorer) -> list[Anomaly]:
     """The online scorer's verdicts, each made anomalous where the call-pattern scorer flags
-    that service window. Only the windows the online scorer judged are given to it (the
-    whole windows; the partial first and last window of each stretch are not)."""
-    scored = {(a.namespace, a.service, a.window_start_us) for a in anomalies}
-    verdicts = judge_all([w for w in patterns
-                          if (w.namespace, w.service, w.window_start_us) in scored], scorer)
-    out = []
-    for a in anomalies:
-        score, _ = verdicts.get((a.namespace, a.service, a.window_start_us), (float("nan"), 0))
-        if score == score and score >= scorer.threshold and a.verdict != "anomalous":
-            a = dataclasses.replace(a, verdict="anomalous", score=round(score, 6),
-                                    reason="rare call patterns")
-        out.append(a)
-    return out
+    that service window (as the scoring agent does, streams/score.py)."""
+    judgements = judge_all(patterns, scorer)
+    return [flag_rare_patterns(a, judgement, scorer.threshold)
+            if (judgement := judgements.get((a.namespace, a.service, a.window_start_us)))
+            else a for a in anomalies]
 
 
 def _tally(directory: Path, anomalies: Sequence[Anomaly], p_values: Sequence[float],
@@ -481,8 +471,8 @@ def nezha_report(result: NezhaResult) -> str:
     if result.shifted:
         lines.append(shifts_report([result, *result.shifted]))
     if result.with_patterns is not None:
-        lines.append("  with the call-pattern scorer's verdicts added (models.structure: it needs "
-                     "the spans, which the stream's window rows do not carry):")
+        lines.append("  with the call-pattern scorer's verdicts added (models.structure, as the "
+                     "scoring agent judges the windows' call patterns):")
         lines.append(shifts_report([r.with_patterns for r in (result, *result.shifted)
                                     if r.with_patterns is not None]))
     return "\n".join(lines)

@@ -2,9 +2,10 @@
 
 A fault in a service's code may change neither its latency nor its traffic, only what its
 requests go on to do: an early ``return`` skips the calls after it, an ``exception`` ends the
-request before them (the Nezha recording has no status codes to show either). Each server span
-of a service has a **call pattern**, the set of operations of its direct children (the calls
-it makes, its internal steps), e.g. ``ChargeCard+EmptyUserCart+...+ShipOrder`` for an order.
+request before them (the Nezha recording has no status codes to show either). Each request
+of a service has a **call pattern**, the set of operations of its span's direct children (the
+calls it makes, its internal steps), e.g. ``ChargeCard+EmptyUserCart+...+ShipOrder`` for an
+order.
 
 :class:`CallPatternScorer` learns, per service, how often each pattern has been seen, and judges
 a window by its **rare** requests: those whose pattern is so far below ``rare_share`` of the
@@ -19,57 +20,68 @@ Windows are judged as the online scorer judges a service window (River's ``learn
 :func:`models.online.persistent_p_value`, and a window with p at most ``hold_back_p`` is not
 learned unless that lasts ``relearn_after`` windows (a new release's new patterns become normal).
 
-This needs the spans themselves, which the stream's aggregation does not pass on: the window
-rows (``ServiceMetrics``) have no call patterns. ``clover models evaluate`` measures it on the
-Nezha spans beside the online scorer (see the README); in the stream it would need the
-aggregation to count each window's patterns.
+The patterns come with the window rows: the stream's aggregation counts them per service
+window (``ServiceMetrics.call_patterns``, analytics/windows.py), and the scoring agent
+(streams/score.py) and ``clover models evaluate`` both judge them with
+:func:`flag_rare_patterns` beside the online scorer.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.stats import binom
 
-from clover.records import SpanRecord
+from clover.records import Anomaly, Contribution, ServiceMetrics
 from models.online import hold_back_p, persistent_p_value
+
+DETECTOR = "call_patterns"
+TOP_PATTERNS = 3  # rare patterns named in a verdict
 
 
 @dataclass(frozen=True)
 class PatternWindow:
-    """The call patterns of one service's server spans that started in one window."""
+    """The call patterns of one service row's requests in one window."""
 
     namespace: str
     service: str
     window_start_us: int
     window_seconds: int
-    patterns: Mapping[str, int]  # pattern -> server spans with it
+    patterns: Mapping[str, int]  # pattern -> requests with it
+
+    @classmethod
+    def of(cls, metrics: ServiceMetrics) -> PatternWindow | None:
+        """The row's patterns (None for an edge row or a row without them)."""
+        if metrics.peer_service is not None or not metrics.call_patterns:
+            return None
+        return cls(metrics.namespace, metrics.service, metrics.window_start_us,
+                   metrics.window_seconds, metrics.call_patterns)
 
     @property
     def requests(self) -> int:
         return sum(self.patterns.values())
 
 
-def call_patterns(spans: Iterable[SpanRecord], window_seconds: int = 10) -> list[PatternWindow]:
-    """Each (service, window)'s call patterns, in window order (then service): a server span's
-    pattern is the sorted set of its direct children's operations ("" for none)."""
-    spans = list(spans)
-    children: dict[str, set[str]] = defaultdict(set)
-    for span in spans:
-        if span.parent_span_id is not None:
-            children[span.parent_span_id].add(span.operation)
-    window_us = window_seconds * 1_000_000
-    counts: dict[tuple[int, str, str], Counter[str]] = defaultdict(Counter)
-    for span in spans:
-        if span.kind == "server":
-            start = span.start_us // window_us * window_us
-            pattern = "+".join(sorted(children.get(span.span_id, ())))
-            counts[(start, span.namespace or "", span.service)][pattern] += 1
-    return [PatternWindow(namespace, service, start, window_seconds, dict(patterns))
-            for (start, namespace, service), patterns in sorted(counts.items())]
+@dataclass(frozen=True)
+class RarePattern:
+    """A pattern of a judged window that was rare for the service."""
+
+    pattern: str
+    requests: int  # in the window
+    past_share: float  # of the service's past requests that had it
+
+
+@dataclass(frozen=True)
+class PatternJudgement:
+    """The verdict of :meth:`CallPatternScorer.judge` on one window."""
+
+    score: float  # NaN while the service's history is too short
+    p_value: float
+    rare: list[RarePattern]  # the window's rare patterns, most requests first
 
 
 @dataclass
@@ -86,7 +98,7 @@ class CallPatternScorer:
 
     def __init__(self, *, threshold: float = 0.999, rare_share: float = 0.01,
                  min_history: int = 200, relearn_after: int = 30,
-                 persistence: bool = True) -> None:
+                 persistence: bool = True, max_patterns: int = 1000) -> None:
         self.threshold = threshold
         self.rare_share = rare_share
         # A pattern at rare_share is then expected about twice in the history: one not seen
@@ -94,6 +106,9 @@ class CallPatternScorer:
         self.min_history = min_history
         self.relearn_after = relearn_after
         self.persistence = persistence
+        # Patterns remembered per service: beyond it the least common half is forgotten (they
+        # are rare anyway), so a long-running agent's memory stays bounded.
+        self.max_patterns = max_patterns
         self._history: dict[tuple[str, str], _History] = {}
 
     @property
@@ -101,10 +116,17 @@ class CallPatternScorer:
         """As the online scorer's: a window this suspicious is not learned."""
         return hold_back_p(self.threshold)
 
-    def rare_requests(self, window: PatternWindow) -> int:
+    def rare_patterns(self, window: PatternWindow) -> list[RarePattern]:
+        """The window's patterns seen in less than ``rare_share`` of the service's past
+        requests, most requests first."""
         history = self._history.get((window.namespace, window.service), _History())
         limit = self.rare_share * history.requests
-        return sum(n for pattern, n in window.patterns.items() if history.seen[pattern] < limit)
+        rare = [RarePattern(pattern, n, history.seen[pattern] / max(history.requests, 1))
+                for pattern, n in window.patterns.items() if history.seen[pattern] < limit]
+        return sorted(rare, key=lambda r: (-r.requests, r.pattern))
+
+    def rare_requests(self, window: PatternWindow) -> int:
+        return sum(r.requests for r in self.rare_patterns(window))
 
     def score_one(self, window: PatternWindow) -> float:
         """The window's own p-value (NaN before ``min_history`` requests of history)."""
@@ -126,12 +148,15 @@ class CallPatternScorer:
             history.rare += self.rare_requests(window)
         history.seen.update(window.patterns)
         history.requests += window.requests
+        if len(history.seen) > self.max_patterns:
+            history.seen = Counter(dict(history.seen.most_common(self.max_patterns // 2)))
 
-    def judge(self, window: PatternWindow) -> tuple[float, float]:
-        """(score, the window's own p-value), then learns the window unless it is held back;
-        score NaN while the service's history is too short."""
+    def judge(self, window: PatternWindow) -> PatternJudgement:
+        """The window's verdict, then learns the window unless it is held back; the score is
+        NaN while the service's history is too short."""
         history = self._history.setdefault((window.namespace, window.service), _History())
         p = self.score_one(window)
+        rare = self.rare_patterns(window) if np.isfinite(p) else []
         previous = history.p_values.get(window.window_start_us - window.window_seconds
                                         * 1_000_000)
         score = 1.0 - (persistent_p_value(p, previous) if self.persistence else p)
@@ -139,10 +164,32 @@ class CallPatternScorer:
             history.p_values = {window.window_start_us: p}
         self.learn_one(window, anomalous=bool(np.isfinite(p) and (
             score >= self.threshold or p <= self.hold_back_p)))
-        return score, p
+        return PatternJudgement(score, p, rare)
 
 
-def judge_all(windows: Sequence[PatternWindow],
-              scorer: CallPatternScorer) -> dict[tuple[str, str, int], tuple[float, float]]:
-    """Every window judged in order: (namespace, service, start) -> (score, own p)."""
+def judge_all(windows: Sequence[PatternWindow], scorer: CallPatternScorer
+              ) -> dict[tuple[str, str, int], PatternJudgement]:
+    """Every window judged in order: (namespace, service, start) -> judgement."""
     return {(w.namespace, w.service, w.window_start_us): scorer.judge(w) for w in windows}
+
+
+def flag_rare_patterns(anomaly: Anomaly, judgement: PatternJudgement,
+                       threshold: float) -> Anomaly:
+    """The online scorer's verdict on a window, made anomalous when its call patterns are
+    (at ``threshold``), naming the rare patterns: the pattern as the feature, the window's
+    requests with it as the value, and its share of the service's past requests as the
+    baseline. A window both scorers flag keeps the online scorer's explanation."""
+    score = judgement.score
+    if not (score >= threshold) or anomaly.verdict == "anomalous":  # NaN: not judged
+        return anomaly
+    shown = judgement.rare[:TOP_PATTERNS]
+    total = sum(r.requests for r in shown) or 1
+    names = "; ".join(f"{r.pattern or '(no calls)'} in {r.requests} requests" for r in shown)
+    return dataclasses.replace(
+        anomaly, verdict="anomalous", detector=DETECTOR, score=round(min(score, 1.0), 6),
+        threshold=float(threshold),
+        reason=f"rare call patterns: {names}"[:1000],
+        contributions=[Contribution(feature=f"call pattern {r.pattern or '(no calls)'}"[:128],
+                                    weight=round(r.requests / total, 6),
+                                    value=float(r.requests), baseline=round(r.past_share, 6))
+                       for r in shown])

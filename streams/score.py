@@ -2,8 +2,11 @@
 
 A Faust agent on clover.service-metrics (the app of streams/app.py, under its own id and
 consumer group, [models] group_id). Each service window goes through
-:class:`models.online.OnlineScorer`, and its :class:`~clover.records.Anomaly` goes to
-clover.anomalies and to Cassandra (analytics/anomalies.py). Caller -> callee rows get no
+:class:`models.online.OnlineScorer`, and its call patterns through
+:class:`models.structure.CallPatternScorer` (a window whose requests stopped making their
+usual calls is anomalous though its metrics look usual); the verdict, an
+:class:`~clover.records.Anomaly`, goes to clover.anomalies and to Cassandra
+(analytics/anomalies.py). Caller -> callee rows get no
 verdict of their own: they tell the scorer what callers saw of the callee (a network delay
 shows only there), and the callee's windows are judged with them.
 
@@ -35,6 +38,7 @@ from clover.metrics_endpoint import serve_metrics
 from clover.records import Anomaly, DeadLetter, ServiceMetrics
 from clover.topics import ANOMALIES, DEADLETTER, SERVICE_METRICS
 from models.online import OnlineScorer
+from models.structure import CallPatternScorer, PatternWindow, flag_rare_patterns
 from streams.deadletter import letter_for
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,9 @@ class ScoreMetrics:
         self.registry = registry
         self.verdicts = Counter("clover_score_verdicts", "Scored service windows, by verdict",
                                 ["verdict"], registry=registry)
+        self.pattern_flags = Counter("clover_score_call_pattern_flags",
+                                     "Windows judged anomalous for their rare call patterns "
+                                     "(not their metrics)", registry=registry)
         self.edges = Counter("clover_score_edges_learned",
                              "Caller -> callee rows taken as what callers saw of the callee "
                              "(no verdict of their own)", registry=registry)
@@ -65,11 +72,15 @@ class ScoreMetrics:
 
 
 class ScoringService:
-    """Scorer + recording, one window at a time."""
+    """Scorers + recording, one window at a time."""
 
     def __init__(self, scorer: OnlineScorer, producer: Producer, table: AnomalyTable | None,
-                 metrics: ScoreMetrics, *, anomalies_topic: str = ANOMALIES.name) -> None:
+                 metrics: ScoreMetrics, *, anomalies_topic: str = ANOMALIES.name,
+                 patterns: CallPatternScorer | None = None) -> None:
         self.scorer = scorer
+        # Judged at the online scorer's threshold unless given.
+        self.patterns = patterns or CallPatternScorer(threshold=scorer.threshold,
+                                                      relearn_after=scorer.relearn_after)
         self.producer = producer
         self.table = table
         self.metrics = metrics
@@ -84,8 +95,15 @@ class ScoringService:
                 self.scorer.learn_edge(window)
             self.metrics.edges.inc()
             return None
+        pattern_window = PatternWindow.of(window)
         with self._lock:
             anomaly = self.scorer.process(window, now_us=_now_us())
+            if pattern_window is not None:
+                judged = flag_rare_patterns(anomaly, self.patterns.judge(pattern_window),
+                                            self.patterns.threshold)
+                if judged is not anomaly:
+                    self.metrics.pattern_flags.inc()
+                anomaly = judged
         self.metrics.verdicts.labels(anomaly.verdict).inc()
         if anomaly.verdict == "anomalous":
             log.info("anomalous %s/%s %s window %d: score %s (%s)", anomaly.namespace,

@@ -167,9 +167,9 @@ def test_calibration_and_shifts_are_counted_and_the_worst_case_reported(
 
 
 def test_a_fault_seen_only_in_call_patterns_is_found_with_them(tmp_path: Path) -> None:
+    import dataclasses
     import json
 
-    from models.structure import PatternWindow
     from tests.test_models_features import as_records, synthetic_metrics
 
     # cart's windows look as usual throughout; in the fault's first 100 s (windows 40-49) a
@@ -180,12 +180,10 @@ def test_a_fault_seen_only_in_call_patterns_is_found_with_them(tmp_path: Path) -
     (tmp_path / "fault_list.json").write_text(json.dumps({"00": [{
         "inject_time": "", "inject_timestamp": str(start_s + 400),
         "inject_pod": "cart-5f6585d649-fnmft", "inject_type": "return"}]}))
-    patterns = [PatternWindow("shop", "cart", int(m.window_start_us), 10,
-                              {"get+set": m.requests - m.requests // 3, "get": m.requests // 3}
-                              if 40 <= i < 50 else {"get+set": m.requests})
-                for i, m in enumerate(as_records(frame))]
-    result = evaluate_nezha(tmp_path, OnlineScorer(), metrics=as_records(frame),
-                            patterns=patterns)
+    metrics = [dataclasses.replace(m, call_patterns={
+        "get+set": m.requests - m.requests // 3, "get": m.requests // 3}
+        if 40 <= i < 50 else {"get+set": m.requests}) for i, m in enumerate(as_records(frame))]
+    result = evaluate_nezha(tmp_path, OnlineScorer(), metrics=metrics)
     assert not result.faults[0].detected
     with_patterns = result.with_patterns
     assert with_patterns is not None and with_patterns.faults[0].detected

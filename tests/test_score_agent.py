@@ -144,7 +144,11 @@ def test_agent_learns_online_flags_a_spike_and_records_every_verdict(
     deadletters = topic_reader("clover.deadletter")
     frame = synthetic_metrics(windows=20, services=("cart",), seed=31,
                               spikes={("cart", 15): {"latency": 6.0}})
-    windows = as_records(frame)
+    # Every request gets the cart and sets it; in windows 18 and 19 a third of them return
+    # after the get (the metrics look as usual there: only the call patterns tell).
+    windows = [dataclasses.replace(w, call_patterns={
+        "get+set": w.requests - w.requests // 3, "get": w.requests // 3} if i >= 18
+        else {"get+set": w.requests}) for i, w in enumerate(as_records(frame))]
     edge = dataclasses.replace(windows[0], peer_service="redis", peer_namespace="shop")
     agents(_env(keyspace, tmp_path / "absent.joblib", min_windows=4), topics)
     _publish(settings, topics.metrics, [edge, *windows], raw=[b"{not json"])
@@ -154,9 +158,12 @@ def test_agent_learns_online_flags_a_spike_and_records_every_verdict(
     assert [v.verdict for v in verdicts[:4]] == ["inconclusive"] * 4
     assert verdicts[0].reason == "learning: 0 of 4 windows of history for this service"
     anomalous = [i for i, v in enumerate(verdicts) if v.verdict == "anomalous"]
-    assert anomalous == [15]
+    assert anomalous == [15, 18, 19]
     assert verdicts[15].contributions[0].feature.startswith("latency")
-    assert all(v.verdict == "normal" for i, v in enumerate(verdicts) if i >= 4 and i != 15)
+    assert [v.detector for v in verdicts[18:]] == ["call_patterns"] * 2
+    assert verdicts[19].contributions[0].feature == "call pattern get"
+    assert all(v.verdict == "normal" for i, v in enumerate(verdicts)
+               if i >= 4 and i not in anomalous)
     # The edge row (published before the windows) gave no verdict: 20 records, not 21.
     assert len(verdicts_reader.read_all()) == 20
 
