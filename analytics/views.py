@@ -81,6 +81,21 @@ def merge_windows(frame: pd.DataFrame, resolution: str | None) -> pd.DataFrame:
     return pd.DataFrame(merged, columns=COLUMNS)
 
 
+def call_pattern_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The service rows' call patterns in long form, one row per (window, service, revision,
+    pattern) with its requests and their share of the row's requests: what a flagged window's
+    requests did, beside what they usually do (``pivot_table`` it by pattern over time)."""
+    rows = [
+        {"window_start": row.window_start, "namespace": row.namespace, "service": row.service,
+         "revision": row.revision, "pattern": pattern, "requests": count,
+         "share": count / total}
+        for row in frame[frame["peer_service"].isna()].itertuples(index=False)
+        if isinstance(row.call_patterns, dict) and (total := sum(row.call_patterns.values()))
+        for pattern, count in sorted(row.call_patterns.items(), key=lambda item: -item[1])]
+    return pd.DataFrame(rows, columns=["window_start", "namespace", "service", "revision",
+                                       "pattern", "requests", "share"])
+
+
 def _add_patterns(windows: Iterable[dict[str, int] | None]) -> dict[str, int] | None:
     """Requests per call pattern over several windows (None when none has patterns)."""
     total: Counter[str] | None = None

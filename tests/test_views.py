@@ -10,7 +10,13 @@ import pandas as pd
 import pytest
 
 from analytics.store import Store, connect
-from analytics.views import load_edges, load_service_metrics, merge_windows, to_frame
+from analytics.views import (
+    call_pattern_table,
+    load_edges,
+    load_service_metrics,
+    merge_windows,
+    to_frame,
+)
 from analytics.windows import aggregate
 from clover.config import Settings, load_settings
 from clover.stack import Stack
@@ -53,6 +59,13 @@ def test_minutes_merged_from_stored_windows_equal_the_direct_minute_aggregate(
     assert _frame_key(edges) == _frame_key(direct[direct["peer_service"].notna()])
     raw = load_service_metrics(store, services, start, end)
     assert set(raw["window_seconds"]) == {2}
+    # Patterns add up over a minute's windows: as many as the minute's requests.
+    assert [sum(p.values()) for p in minutes["call_patterns"]] == minutes["requests"].tolist()
+    table = call_pattern_table(minutes)
+    assert len(table) == sum(len(p) for p in minutes["call_patterns"])
+    by_row = table.groupby(["window_start", "service", "revision"])
+    assert by_row["share"].sum().round(9).eq(1.0).all()
+    assert set(table["pattern"]) == {"", "call svc1", "call svc2", "call svc0"}
 
 
 def test_a_resolution_finer_than_the_windows_and_a_bad_service_name_are_refused() -> None:
