@@ -13,7 +13,7 @@ import base64
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -41,9 +41,11 @@ _METRIC_COLUMNS = tuple(
     if f.name not in ("namespace", "service", "revision", "window_start_us", "peer_namespace",
                       "peer_service", "schema_version")
 )
-# Rows per unlogged batch: about 10 KB of rows, below the size at which Cassandra 4.x refuses a
-# batch (batch_size_fail_threshold_in_kb, 50 KB by default).
+# An unlogged batch holds at most BATCH_ROWS rows and about BATCH_BYTES of values: well below
+# the size at which Cassandra 4.x refuses a batch (batch_size_fail_threshold_in_kb, 50 KB by
+# default). A row's latency sketch alone can be 2 KB and more (a wide spread of latencies).
 BATCH_ROWS = 25
+BATCH_BYTES = 20_000
 _BIGINT = {"requests", "errors", "bytes_in", "bytes_out", "flows", "connections_opened",
            "connections_closed", "connections_reset"}
 
@@ -186,9 +188,9 @@ class Store:
         futures = []
         count = 0
         for rows in by_partition.values():
-            for start in range(0, len(rows), BATCH_ROWS):
+            for part in _batches(rows):
                 batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-                for row in rows[start:start + BATCH_ROWS]:
+                for row in part:
                     batch.add(statement, row)
                 # Not execute_concurrent_async: in this driver it waits for the results too.
                 futures.append(self.session.execute_async(batch))
@@ -273,6 +275,23 @@ def connect(settings: Settings, *, retry_for_s: float = 60.0) -> Store:
             log.warning("Cassandra at %s unreachable, retrying in %.1fs", where, delay)
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
+
+
+def _batches(rows: Sequence[tuple[object, ...]]) -> Iterator[list[tuple[object, ...]]]:
+    """The rows in runs of at most BATCH_ROWS rows and about BATCH_BYTES of values (a row
+    larger than that alone goes in a batch of its own)."""
+    part: list[tuple[object, ...]] = []
+    size = 0
+    for row in rows:
+        # Text and blobs by their length, anything else as 8 bytes.
+        row_size = sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row)
+        if part and (len(part) == BATCH_ROWS or size + row_size > BATCH_BYTES):
+            yield part
+            part, size = [], 0
+        part.append(row)
+        size += row_size
+    if part:
+        yield part
 
 
 def _utc(us: int) -> datetime:

@@ -90,6 +90,20 @@ def test_a_table_made_before_a_column_was_added_gets_it(store: Store,
         session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
 
 
+def test_rows_go_in_batches_bounded_in_rows_and_bytes() -> None:
+    from analytics.store import BATCH_BYTES, BATCH_ROWS, _batches
+
+    small = [("shop", "cart", 1, b"x" * 100)] * 60
+    assert [len(b) for b in _batches(small)] == [BATCH_ROWS, BATCH_ROWS, 10]
+    wide = [("shop", "cart", 1, b"x" * 3000, "{}")] * 20  # wide latency sketches
+    batches = list(_batches(wide))
+    assert sum(map(len, batches)) == 20 and len(batches) > 1
+    assert all(sum(len(v) if isinstance(v, (str, bytes)) else 8 for row in batch for v in row)
+               <= BATCH_BYTES for batch in batches)
+    huge = [("shop", "cart", b"x" * (BATCH_BYTES + 1))] * 2
+    assert [len(b) for b in _batches(huge)] == [1, 1]  # alone, not dropped
+
+
 def test_unreachable_cassandra_is_a_clear_error(settings: Settings) -> None:
     wrong = dataclasses.replace(settings, cassandra=dataclasses.replace(
         settings.cassandra, contact_points=("127.0.0.1",), port=1))
