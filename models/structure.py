@@ -37,7 +37,7 @@ import numpy as np
 from scipy.stats import binom
 
 from clover.records import Anomaly, Contribution, ServiceMetrics
-from models.online import hold_back_p, persistent_p_value
+from models.online import OnlineScorer, hold_back_p, persistent_p_value
 
 DETECTOR = "call_patterns"
 TOP_PATTERNS = 3  # rare patterns named in a verdict
@@ -111,6 +111,12 @@ class CallPatternScorer:
         self.max_patterns = max_patterns
         self._history: dict[tuple[str, str], _History] = {}
 
+    @classmethod
+    def beside(cls, scorer: OnlineScorer) -> CallPatternScorer:
+        """A scorer to judge windows beside ``scorer``: at its threshold, relearning a lasting
+        change after as many windows."""
+        return cls(threshold=scorer.threshold, relearn_after=scorer.relearn_after)
+
     @property
     def hold_back_p(self) -> float:
         """As the online scorer's: a window this suspicious is not learned."""
@@ -130,22 +136,29 @@ class CallPatternScorer:
 
     def score_one(self, window: PatternWindow) -> float:
         """The window's own p-value (NaN before ``min_history`` requests of history)."""
+        return self._p_value(window, self.rare_requests(window))
+
+    def _p_value(self, window: PatternWindow, rare: int) -> float:
+        """score_one, given the window's rare requests."""
         history = self._history.get((window.namespace, window.service))
         if history is None or history.requests < self.min_history or not window.requests:
             return float("nan")
-        rare = self.rare_requests(window)
         if not rare:
             return 1.0
         share = (history.rare + 1) / (history.requests + 2)  # never 0 (Laplace)
         return float(binom.sf(rare - 1, window.requests, share))
 
     def learn_one(self, window: PatternWindow, *, anomalous: bool = False) -> None:
+        self._learn(window, self.rare_requests(window), anomalous=anomalous)
+
+    def _learn(self, window: PatternWindow, rare: int, *, anomalous: bool) -> None:
+        """learn_one, given the window's rare requests (as the history was before it)."""
         history = self._history.setdefault((window.namespace, window.service), _History())
         history.held_run = history.held_run + 1 if anomalous else 0
         if anomalous and history.held_run < self.relearn_after:
             return
         if history.requests >= self.min_history:
-            history.rare += self.rare_requests(window)
+            history.rare += rare
         history.seen.update(window.patterns)
         history.requests += window.requests
         if len(history.seen) > self.max_patterns:
@@ -155,16 +168,19 @@ class CallPatternScorer:
         """The window's verdict, then learns the window unless it is held back; the score is
         NaN while the service's history is too short."""
         history = self._history.setdefault((window.namespace, window.service), _History())
-        p = self.score_one(window)
-        rare = self.rare_patterns(window) if np.isfinite(p) else []
+        # Measured once against the history as it is, for the p-value, the verdict's
+        # explanation and the learning.
+        rare = self.rare_patterns(window)
+        rare_requests = sum(r.requests for r in rare)
+        p = self._p_value(window, rare_requests)
         previous = history.p_values.get(window.window_start_us - window.window_seconds
                                         * 1_000_000)
         score = 1.0 - (persistent_p_value(p, previous) if self.persistence else p)
         if np.isfinite(p):
             history.p_values = {window.window_start_us: p}
-        self.learn_one(window, anomalous=bool(np.isfinite(p) and (
+        self._learn(window, rare_requests, anomalous=bool(np.isfinite(p) and (
             score >= self.threshold or p <= self.hold_back_p)))
-        return PatternJudgement(score, p, rare)
+        return PatternJudgement(score, p, rare if np.isfinite(p) else [])
 
 
 def judge_all(windows: Sequence[PatternWindow], scorer: CallPatternScorer
