@@ -355,8 +355,7 @@ def evaluate_nezha(directory: Path, scorer: OnlineScorer, window_seconds: int = 
     result = _tally(directory, anomalies, p_values, window_seconds, shift_s)
     if patterns:
         result.with_patterns = _tally(
-            directory, _with_patterns(anomalies, patterns, CallPatternScorer(
-                threshold=scorer.threshold, relearn_after=scorer.relearn_after)),
+            directory, _with_patterns(anomalies, patterns, CallPatternScorer.beside(scorer)),
             p_values, window_seconds, shift_s)
     return result
 

@@ -78,9 +78,7 @@ class ScoringService:
                  metrics: ScoreMetrics, *, anomalies_topic: str = ANOMALIES.name,
                  patterns: CallPatternScorer | None = None) -> None:
         self.scorer = scorer
-        # Judged at the online scorer's threshold unless given.
-        self.patterns = patterns or CallPatternScorer(threshold=scorer.threshold,
-                                                      relearn_after=scorer.relearn_after)
+        self.patterns = patterns or CallPatternScorer.beside(scorer)
         self.producer = producer
         self.table = table
         self.metrics = metrics
