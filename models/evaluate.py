@@ -456,12 +456,7 @@ def nezha_report(result: NezhaResult) -> str:
         a = result.nearest_normal
         lines.append(f"  highest score of a normal fault-free window: {a.score} "
                      f"({a.service} {when(a.window_start_us)}; threshold {a.threshold})")
-    for a in result.false_alarms[:10]:
-        top = ", ".join(f"{c.feature} {c.value:.4g} vs {c.baseline:.4g}"
-                        for c in a.contributions if c.value is not None
-                        and c.baseline is not None)
-        lines.append(f"    false alarm {when(a.window_start_us)} {a.service}: score "
-                     f"{a.score} ({top})")
+    lines += [f"    {false_alarm_line(a, result.faults)}" for a in result.false_alarms[:10]]
     for name, rows in (("final score >= 1 - a", result.calibration()),
                        ("window's own p <= a", result.calibration(p_values=True))):
         if rows and rows[0][2]:
@@ -475,6 +470,31 @@ def nezha_report(result: NezhaResult) -> str:
         lines.append(shifts_report([r.with_patterns for r in (result, *result.shifted)
                                     if r.with_patterns is not None]))
     return "\n".join(lines)
+
+
+def false_alarm_line(alarm: Anomaly, faults: Sequence[Fault]) -> str:
+    """A false alarm, its evidence, and the fault label nearest to it: a hand-injected fault's
+    label is written by the person injecting it, and an alarm just before one may be its effect
+    seen early, which the reader should be able to tell from an alarm in quiet time."""
+    def when(us: int) -> str:
+        return pd.Timestamp(us, unit="us").strftime("%H:%M:%S")
+
+    start, end = alarm.window_start_us, alarm.window_start_us + alarm.window_seconds * 1_000_000
+    evidence = ", ".join(f"{c.feature} {c.value:.4g} vs {c.baseline:.4g}"
+                         for c in alarm.contributions
+                         if c.value is not None and c.baseline is not None)
+    line = (f"false alarm {when(start)} {alarm.service} ({alarm.detector}): score "
+            f"{alarm.score} ({evidence})")
+    nearest = min(faults, key=lambda f: min(abs(f.inject_us - end), abs(f.inject_us - start)),
+                  default=None)
+    if nearest is None:
+        return line
+    if nearest.inject_us >= end:
+        gap = f"ends {(nearest.inject_us - end) / 1e6:.0f} s before"
+    else:
+        gap = f"starts {(start - nearest.inject_us) / 1e6:.0f} s after"
+    return (f"{line}; {gap} the label of {nearest.service} {nearest.kind} "
+            f"({when(nearest.inject_us)})")
 
 
 def shifts_report(results: Sequence[NezhaResult]) -> str:
@@ -494,6 +514,7 @@ def shifts_report(results: Sequence[NezhaResult]) -> str:
         missed = [f"{f.service} {f.kind}" for f in r.faults_with_data if not f.detected]
         if missed:
             lines.append(f"        missed: {', '.join(missed)}")
+        lines += [f"        {false_alarm_line(a, r.faults)}" for a in r.false_alarms[:5]]
     delays = [r.median_delay_s for r in results if r.median_delay_s is not None]
     lines.append(
         f"  worst case: recall {min(r.recall(True) for r in results):.2f} (faults with data), "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from analytics.windows import aggregate
@@ -104,8 +105,13 @@ def test_false_alarms_and_the_nearest_normal_are_counted_in_fault_free_time_only
     assert nearest is not None and nearest.verdict == "normal"
     assert nearest.window_start_us == int(frame["window_start_us"].iloc[30])
     assert nearest.score < nearest.threshold
-    assert f"highest score of a normal fault-free window: {nearest.score}" in \
-        nezha_report(result)
+    report = nezha_report(result)
+    assert f"highest score of a normal fault-free window: {nearest.score}" in report
+    # The alarm (window 20, 200-210 s) is listed with its evidence and the nearest label.
+    alarm = next(line for line in report.splitlines() if "false alarm " in line)
+    assert "cart (online" in alarm and "latency_p" in alarm
+    assert alarm.endswith("ends 190 s before the label of cart cpu_contention "
+                          f"({pd.Timestamp((start_s + 400) * 10**6, unit='us'):%H:%M:%S})")
 
 
 def test_a_window_past_the_last_recorded_trace_start_is_not_whole() -> None:
@@ -164,6 +170,9 @@ def test_calibration_and_shifts_are_counted_and_the_worst_case_reported(
     report = shifts_report([clean, later])
     assert "worst case: recall 1.00 (faults with data), 1 false-alarm episodes" in report
     assert report.splitlines()[2].split()[:4] == ["5s", "1/1", "1.00", "0"]
+    # Each shift's false alarms are listed under its line.
+    assert report.splitlines()[4].split()[:2] == ["false", "alarm"]
+    assert "ends 190 s before the label of cart" in report.splitlines()[4]
 
 
 def test_a_fault_seen_only_in_call_patterns_is_found_with_them(tmp_path: Path) -> None:
