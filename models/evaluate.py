@@ -365,7 +365,7 @@ def _with_patterns(anomalies: Sequence[Anomaly], patterns: Sequence[PatternWindo
     """The online scorer's verdicts, each made anomalous where the call-pattern scorer flags
     that service window (as the scoring agent does, streams/score.py)."""
     judgements = judge_all(patterns, scorer)
-    return [flag_rare_patterns(a, judgement, scorer.threshold)
+    return [flag_rare_patterns(a, judgement)
             if (judgement := judgements.get((a.namespace, a.service, a.window_start_us)))
             else a for a in anomalies]
 
@@ -428,14 +428,15 @@ def nab_report(files: list[NabFile], score: float, threshold: float) -> str:
     return "\n".join(lines)
 
 
-def nezha_report(result: NezhaResult) -> str:
-    def when(us: int) -> str:
-        return pd.Timestamp(us, unit="us").strftime("%H:%M:%S")
+def _clock_time(us: int) -> str:
+    return pd.Timestamp(us, unit="us").strftime("%H:%M:%S")
 
+
+def nezha_report(result: NezhaResult) -> str:
     lines = ["Nezha OnlineBoutique 2022-08-22 (10 s windows, learning online from nothing)",
              f"  {'inject':<9} {'service':<22} {'fault':<15} outcome"]
     for f in result.faults:
-        lines.append(f"  {when(f.inject_us):<9} {f.service:<22} {f.kind:<15} {f.outcome}")
+        lines.append(f"  {_clock_time(f.inject_us):<9} {f.service:<22} {f.kind:<15} {f.outcome}")
     with_data = len(result.faults_with_data)
     delay = result.median_delay_s
     alarms_per_hour = result.alarms_per_hour
@@ -455,7 +456,7 @@ def nezha_report(result: NezhaResult) -> str:
     if result.nearest_normal is not None:
         a = result.nearest_normal
         lines.append(f"  highest score of a normal fault-free window: {a.score} "
-                     f"({a.service} {when(a.window_start_us)}; threshold {a.threshold})")
+                     f"({a.service} {_clock_time(a.window_start_us)}; threshold {a.threshold})")
     lines += [f"    {false_alarm_line(a, result.faults)}" for a in result.false_alarms[:10]]
     for name, rows in (("final score >= 1 - a", result.calibration()),
                        ("window's own p <= a", result.calibration(p_values=True))):
@@ -476,14 +477,11 @@ def false_alarm_line(alarm: Anomaly, faults: Sequence[Fault]) -> str:
     """A false alarm, its evidence, and the fault label nearest to it: a hand-injected fault's
     label is written by the person injecting it, and an alarm just before one may be its effect
     seen early, which the reader should be able to tell from an alarm in quiet time."""
-    def when(us: int) -> str:
-        return pd.Timestamp(us, unit="us").strftime("%H:%M:%S")
-
     start, end = alarm.window_start_us, alarm.window_start_us + alarm.window_seconds * 1_000_000
     evidence = ", ".join(f"{c.feature} {c.value:.4g} vs {c.baseline:.4g}"
                          for c in alarm.contributions
                          if c.value is not None and c.baseline is not None)
-    line = (f"false alarm {when(start)} {alarm.service} ({alarm.detector}): score "
+    line = (f"false alarm {_clock_time(start)} {alarm.service} ({alarm.detector}): score "
             f"{alarm.score} ({evidence})")
     nearest = min(faults, key=lambda f: min(abs(f.inject_us - end), abs(f.inject_us - start)),
                   default=None)
@@ -494,7 +492,7 @@ def false_alarm_line(alarm: Anomaly, faults: Sequence[Fault]) -> str:
     else:
         gap = f"starts {(start - nearest.inject_us) / 1e6:.0f} s after"
     return (f"{line}; {gap} the label of {nearest.service} {nearest.kind} "
-            f"({when(nearest.inject_us)})")
+            f"({_clock_time(nearest.inject_us)})")
 
 
 def shifts_report(results: Sequence[NezhaResult]) -> str:

@@ -82,6 +82,7 @@ class PatternJudgement:
     score: float  # NaN while the service's history is too short
     p_value: float
     rare: list[RarePattern]  # the window's rare patterns, most requests first
+    threshold: float  # the judging scorer's: a score at or above it is anomalous
 
 
 @dataclass
@@ -180,7 +181,7 @@ class CallPatternScorer:
             history.p_values = {window.window_start_us: p}
         self._learn(window, rare_requests, anomalous=bool(np.isfinite(p) and (
             score >= self.threshold or p <= self.hold_back_p)))
-        return PatternJudgement(score, p, rare if np.isfinite(p) else [])
+        return PatternJudgement(score, p, rare if np.isfinite(p) else [], self.threshold)
 
 
 def judge_all(windows: Sequence[PatternWindow], scorer: CallPatternScorer
@@ -189,13 +190,12 @@ def judge_all(windows: Sequence[PatternWindow], scorer: CallPatternScorer
     return {(w.namespace, w.service, w.window_start_us): scorer.judge(w) for w in windows}
 
 
-def flag_rare_patterns(anomaly: Anomaly, judgement: PatternJudgement,
-                       threshold: float) -> Anomaly:
+def flag_rare_patterns(anomaly: Anomaly, judgement: PatternJudgement) -> Anomaly:
     """The online scorer's verdict on a window, made anomalous when its call patterns are
-    (at ``threshold``), naming the rare patterns: the pattern as the feature, the window's
-    requests with it as the value, and its share of the service's past requests as the
-    baseline. A window both scorers flag keeps the online scorer's explanation."""
-    score = judgement.score
+    (at the judgement's threshold), naming the rare patterns: the pattern as the feature, the
+    window's requests with it as the value, and its share of the service's past requests as
+    the baseline. A window both scorers flag keeps the online scorer's explanation."""
+    score, threshold = judgement.score, judgement.threshold
     if not (score >= threshold) or anomaly.verdict == "anomalous":  # NaN: not judged
         return anomaly
     shown = judgement.rare[:TOP_PATTERNS]

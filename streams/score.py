@@ -97,8 +97,7 @@ class ScoringService:
         with self._lock:
             anomaly = self.scorer.process(window, now_us=_now_us())
             if pattern_window is not None:
-                judged = flag_rare_patterns(anomaly, self.patterns.judge(pattern_window),
-                                            self.patterns.threshold)
+                judged = flag_rare_patterns(anomaly, self.patterns.judge(pattern_window))
                 if judged is not anomaly:
                     self.metrics.pattern_flags.inc()
                 anomaly = judged

@@ -132,7 +132,7 @@ def test_a_flagged_window_names_its_rare_patterns_and_a_normal_one_is_left_as_it
                      window_start_us=windows[111].window_start_us, window_seconds=10,
                      detector="online", threshold=0.999, verdict="normal", emitted_us=1,
                      score=0.5)
-    flagged = flag_rare_patterns(online, judged[111], scorer.threshold)
+    flagged = flag_rare_patterns(online, judged[111])
     assert flagged.verdict == "anomalous" and flagged.detector == "call_patterns"
     assert flagged.score is not None and flagged.score >= scorer.threshold
     features = [c.feature for c in flagged.contributions]
@@ -140,8 +140,8 @@ def test_a_flagged_window_names_its_rare_patterns_and_a_normal_one_is_left_as_it
     assert all(c.value and c.value >= 1 and c.baseline == 0.0 for c in flagged.contributions)
     assert flagged.reason is not None and flagged.reason.startswith("rare call patterns: a!")
     records.validate(Anomaly, records.to_dict(flagged))
-    assert flag_rare_patterns(online, judged[100], scorer.threshold) is online
-    inconclusive = flag_rare_patterns(online, judged[0], scorer.threshold)  # NaN score
+    assert flag_rare_patterns(online, judged[100]) is online
+    inconclusive = flag_rare_patterns(online, judged[0])  # NaN score
     assert inconclusive is online
 
 
