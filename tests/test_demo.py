@@ -165,13 +165,10 @@ def assert_nothing_left_in_kafka(settings: Settings, report: DemoReport) -> None
     groups = [g.group_id for g in admin.list_consumer_groups().result().valid
               if g.group_id.startswith(prefix)]
     assert groups == []
-    deadline = time.monotonic() + 30
-    while True:
-        topics = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix)]
-        if not topics or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert topics == []
+    def topics_left() -> list[str]:
+        return [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix)]
+
+    assert kube.eventually(lambda: not topics_left(), timeout=30), topics_left()
 
 
 def test_a_bad_option_is_refused_with_what_is_allowed(live_stack: Stack) -> None:
